@@ -1,0 +1,73 @@
+# medsynth shortcuts. `make help` lists them. Every target installs first when needed.
+PYTHON        ?= python3
+VENV          ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN           := $(VENV)/bin
+PY            := $(BIN)/python
+STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
+
+CONFIG ?= configs/seg2d.yaml
+RUN    ?= runs/seg2d
+CKPT   ?= $(RUN)/checkpoints/last.ckpt
+OUT    ?= $(RUN)/samples-$(shell date +%Y%m%d-%H%M%S)
+ARGS   ?=
+
+DEMO_CONFIG := --config configs/seg2d.yaml --config configs/experiments/demo.yaml
+DEMO_RUN    := runs/demo
+DEMO_CKPT   := $(DEMO_RUN)/checkpoints/last.ckpt
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-all quick-test overfit fit sample export status clean lint
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) RUN=$(RUN) CKPT=<RUN>/checkpoints/last.ckpt OUT=<RUN>/samples-<time> ARGS='extra flags'"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==$(TORCH_VERSION)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP) ## create .venv: torch $(TORCH_VERSION) first, then medsynth and its dependencies
+
+demo: install ## train on the shipped MNI152 brain slices (CPU, ~10 min), then sample to runs/demo/predictions
+	$(BIN)/medsynth fit $(DEMO_CONFIG) $(if $(wildcard $(DEMO_CKPT)),--ckpt_path $(DEMO_CKPT)) $(ARGS)
+	$(BIN)/medsynth predict $(DEMO_CONFIG) --ckpt_path $(DEMO_CKPT) --output_dir $(DEMO_RUN)/predictions --overwrite
+	@echo "samples: $(DEMO_RUN)/predictions/grid.png (masks above samples), training previews: $(DEMO_RUN)/samples/"
+
+test: install ## the default test suite (< 10 min on 2 CPU cores)
+	$(PY) -m pytest -q
+
+test-all: install ## every test, the slow ones too
+	$(PY) -m pytest -q -m "slow or not slow"
+
+quick-test: install ## 2-epoch overfit on one batch of the demo data: checks the whole loop in a minute
+	$(BIN)/medsynth fit $(DEMO_CONFIG) --trainer.overfit_batches 1 --trainer.max_epochs 2 --trainer.max_steps -1 \
+	  --trainer.logger false --trainer.default_root_dir runs/quick-test-$(shell date +%Y%m%d-%H%M%S) $(ARGS)
+
+overfit: install ## overfit a few demo slices (loss should fall towards 0)
+	$(BIN)/medsynth fit $(DEMO_CONFIG) --trainer.overfit_batches 1 --trainer.max_steps 300 --trainer.max_epochs -1 \
+	  --trainer.check_val_every_n_epoch 50 --model.lr_warmup_steps 20 --trainer.logger false \
+	  --trainer.default_root_dir runs/overfit-$(shell date +%Y%m%d-%H%M%S) $(ARGS)
+
+fit: install ## train: make fit CONFIG=configs/seg2d.yaml RUN=runs/x ARGS='--data.img_dir ...' (resumes RUN's last.ckpt)
+	$(BIN)/medsynth fit --config $(CONFIG) --trainer.default_root_dir $(RUN) \
+	  $(if $(wildcard $(RUN)/checkpoints/last.ckpt),--ckpt_path $(RUN)/checkpoints/last.ckpt) $(ARGS)
+
+sample: install ## sample: make sample CONFIG=... RUN=runs/x [CKPT=...] [OUT=...] ARGS='--data.seg_dir ...'
+	$(BIN)/medsynth predict --config $(CONFIG) --ckpt_path $(CKPT) --output_dir $(OUT) $(ARGS)
+
+export: install ## export the net in diffusers format: make export CONFIG=... RUN=runs/x OUT=dir
+	$(BIN)/medsynth export --config $(CONFIG) --ckpt_path $(CKPT) --output_dir $(OUT) $(ARGS)
+
+status: install ## runs under runs/: step, epoch, best validation loss, latest preview
+	$(PY) -m medsynth.status runs
+
+lint: install ## ruff
+	$(BIN)/ruff check medsynth tests benchmarks
+
+clean: ## remove caches and build files (never runs/ nor .venv; delete those by hand)
+	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+	rm -rf .pytest_cache build *.egg-info .ruff_cache

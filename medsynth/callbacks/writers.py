@@ -1,0 +1,96 @@
+"""Writing predictions to disk: samples, their conditioning masks, a grid, and metadata."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+import medsynth
+from medsynth.errors import MedsynthError
+from medsynth.io import save_json, save_npy, save_png
+from medsynth.visual import colorize_mask, make_grid, to_uint8
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output folder unless ``overwrite``; existing results are never replaced silently."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise MedsynthError(f"{path}: output_dir exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise MedsynthError(f"{path}: output_dir is not empty; choose another folder or pass --overwrite true")
+    return path
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes each generated image as PNG (8-bit view) and NPY (exact float values in [-1, 1]).
+
+    Layout under ``output_dir``::
+
+        samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000)
+        masks/NAME.png                       # the conditioning mask, as integer labels (mask-guided models)
+        grid.png                             # masks (coloured) above their samples, first ``grid_size``
+        metadata.json                        # checkpoint, sampler, steps, seed, count, versions
+
+    Every file is written atomically.
+
+    Args:
+        output_dir: destination folder.
+        grid_size: samples shown in the grid.
+        metadata: extra entries for ``metadata.json`` (checkpoint path, seed, ...).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, metadata: Optional[dict] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.grid_size = grid_size
+        self.metadata = dict(metadata or {})
+        self._grid: list[tuple[Optional[np.ndarray], np.ndarray]] = []
+        self._count = 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._grid, self._count = [], 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
+        masks = prediction.get("mask")
+        for i, (name, sample) in enumerate(zip(prediction["name"], prediction["sample"])):
+            stem = Path(name).stem
+            save_npy(self.output_dir / "samples" / f"{stem}.npy", sample.numpy().astype(np.float32))
+            view = to_uint8(sample)
+            save_png(self.output_dir / "samples" / f"{stem}.png", view)
+            mask_view = None
+            if masks is not None:
+                mask = masks[i].numpy()
+                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16))
+                mask_view = colorize_mask(mask)
+            if len(self._grid) < self.grid_size:
+                self._grid.append((mask_view, view))
+            self._count += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._grid:
+            rows = [[v for _, v in self._grid]]
+            if self._grid[0][0] is not None:
+                rows.insert(0, [m for m, _ in self._grid])
+            save_png(self.output_dir / "grid.png", make_grid(rows))
+        sampler = getattr(pl_module, "sampler", None)
+        save_json(
+            self.output_dir / "metadata.json",
+            {
+                **self.metadata,
+                "sampler": sampler.describe() if sampler is not None else None,
+                "seed": getattr(pl_module, "sample_seed", None),
+                "num_samples_rank0": self._count,
+                "world_size": trainer.world_size,
+                "precision": str(trainer.precision),
+                "model": type(pl_module).__name__,
+                "medsynth_version": medsynth.__version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )

@@ -1,0 +1,234 @@
+"""The ``medsynth`` command: a LightningCLI with fit / validate / test / predict / export.
+
+This is the only module that knows about the command line. Conventions it enforces:
+
+* every run directory (``--trainer.default_root_dir``) keeps its resolved config (``config.yaml``; a resumed run
+  adds ``config.1.yaml``, ...), its checkpoints under ``checkpoints/`` and its W&B files;
+* Weights & Biases runs offline unless the user sets ``offline: false`` and has an API key;
+* ``predict --ckpt_path`` takes the architecture from the checkpoint but the sampler and seed from the command line;
+* data describes itself to the model: ``num_classes``, ``channels`` and ``image_size`` are linked from the data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from medsynth.callbacks.writers import SampleWriter, check_output_dir
+from medsynth.errors import MedsynthError
+
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+
+
+class MedsynthTrainer(Trainer):
+    """Lightning's Trainer with medsynth's prediction output and diffusers export."""
+
+    def predict(  # type: ignore[override]
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders=None,
+        datamodule: Optional[LightningDataModule] = None,
+        return_predictions: Optional[bool] = None,
+        ckpt_path: Optional[str] = None,
+        output_dir: Optional[Path] = None,
+        overwrite: bool = False,
+        seed: Optional[int] = None,
+        weights_only: Optional[bool] = None,
+    ):
+        """Generate samples from a checkpoint and write them under ``output_dir``.
+
+        Args:
+            model: the model to sample from.
+            dataloaders: inputs (conditioning masks) instead of the datamodule's.
+            datamodule: provides the predict split's masks (or the count for unconditional models).
+            return_predictions: keep predictions in memory as well (off when writing to ``output_dir``).
+            ckpt_path: checkpoint to sample from (``last``/``best`` or a path).
+            output_dir: folder for samples, masks, grid and metadata; must be empty unless ``overwrite``.
+            overwrite: allow writing into a non-empty ``output_dir`` (files of the same name are replaced).
+            seed: sampling seed (overrides the model's ``sample_seed``); each sample depends only on it and its
+                index.
+            weights_only: passed to ``torch.load`` for the checkpoint.
+        """
+        if output_dir is not None:
+            check_output_dir(output_dir, overwrite)
+            if seed is not None and model is not None:
+                model.sample_seed = seed
+            self.predict_output_dir = Path(output_dir)
+            meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
+            self.callbacks.append(SampleWriter(output_dir, metadata=meta))
+            return_predictions = bool(return_predictions)
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+
+    def export(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        output_dir: Optional[Path] = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Export a trained net in diffusers format (``OUTPUT_DIR/unet/config.json`` + safetensors).
+
+        Args:
+            model: the model whose net is exported.
+            datamodule: unused; accepted so the training config can be reused unchanged.
+            ckpt_path: checkpoint to export (EMA weights when EMA was used).
+            output_dir: destination folder; must be empty unless ``overwrite``.
+            overwrite: allow writing into a non-empty ``output_dir``.
+        """
+        if ckpt_path is None or output_dir is None:
+            raise MedsynthError("export needs --ckpt_path CKPT and --output_dir DIR")
+        if not Path(ckpt_path).is_file():
+            raise MedsynthError(f"{ckpt_path}: checkpoint does not exist")
+        check_output_dir(output_dir, overwrite)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict(state)
+        path = model.export_diffusers(output_dir)
+        print(f"exported {type(model.net).__name__} to {path}")
+        return path
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the resolved config in the run folder; a resumed run gets ``config.1.yaml`` and so on, never overwrites.
+
+    For ``predict`` with an output folder, the config goes into that folder instead.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = getattr(trainer, "predict_output_dir", None) if stage == "predict" else None
+        if folder is not None:
+            if trainer.is_global_zero:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, str(folder / "config.yaml"), skip_none=False, overwrite=True)
+            self.already_saved = True
+            return
+        if stage == "predict":  # sampling without an output folder: nothing to keep
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        name, n = "config.yaml", 0
+        while (log_dir / name).exists():
+            n += 1
+            name = f"config.{n}.yaml"
+        self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _is_checkpoint_class(class_path: Optional[str]) -> bool:
+    if not class_path or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        return issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
+    except (ImportError, AttributeError, TypeError):
+        return False
+
+
+class MedsynthCLI(LightningCLI):
+    """LightningCLI for medsynth: subclass mode for model and data, run-folder conventions, data→model links."""
+
+    def __init__(self, args=None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            trainer_class=MedsynthTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigCallback,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for src, dst in (("num_classes", "num_classes"), ("channels", "image_channels"), ("image_size", "image_size")):
+            parser.link_arguments(f"data.init_args.{src}", f"model.init_args.{dst}", apply_on="parse")
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        keep = {}
+        if sub == "predict":
+            model = self.config[sub].get("model")
+            init = model.get("init_args") if model is not None else None
+            if init is not None:
+                keep = {k: init.get(k) for k in ("sampler", "sample_seed")}
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
+            raise MedsynthError(f"{ckpt_path}: checkpoint does not exist")
+        super()._parse_ckpt_path()
+        for k, v in keep.items():
+            self.config[sub]["model"]["init_args"][k] = v
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        trainer = cfg["trainer"]
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        trainer["default_root_dir"] = str(root)
+        loggers = trainer.get("logger")
+        for lg in loggers if isinstance(loggers, list) else [loggers]:
+            if not hasattr(lg, "get") or lg.get("class_path") != WANDB_LOGGER:
+                continue
+            init = lg["init_args"]
+            if init.get("save_dir") in (None, ".", ""):
+                init["save_dir"] = str(root)
+            if sub != "fit":
+                init["offline"] = True
+            elif not init.get("offline", False) and not _wandb_key_available():
+                warnings.warn("W&B online logging was asked for but no API key is set (WANDB_API_KEY or "
+                              "~/.netrc): logging offline instead; `wandb sync` uploads the run later")
+                init["offline"] = True
+        for cb in trainer.get("callbacks") or []:
+            if hasattr(cb, "get") and _is_checkpoint_class(cb.get("class_path")):
+                if cb["init_args"].get("dirpath") is None:
+                    cb["init_args"]["dirpath"] = str(root / "checkpoints")
+
+
+FLAGS = ("--overwrite",)
+"""Boolean options that may be given bare, as switches (``--overwrite`` means ``--overwrite=true``)."""
+
+
+def expand_flags(args: list[str]) -> list[str]:
+    """Turn bare switches from :data:`FLAGS` into ``--flag=true`` (jsonargparse wants a value for booleans)."""
+    out = []
+    for i, a in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        bare = nxt is None or nxt.startswith("--") or nxt.lower() not in ("true", "false", "yes", "no", "1", "0")
+        out.append(f"{a}=true" if a in FLAGS and bare else a)
+    return out
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of the ``medsynth`` command; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args = expand_flags(list(sys.argv[1:] if args is None else args))
+    try:
+        MedsynthCLI(args=args)
+    except MedsynthError as exc:
+        print(f"medsynth: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""LightningDataModules for 2D data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from medsynth.data.image2d import (
+    ImageRecord,
+    IndexDataset,
+    SegGuidedImageDataset,
+    scan_reference_layout,
+    validate_records,
+)
+from medsynth.data.manifest import read_manifest
+from medsynth.errors import DataError
+
+
+class SegGuidedImageDataModule(L.LightningDataModule):
+    """2D images with integer segmentation masks (or none, for unconditional models).
+
+    Data comes either from the reference folder layout (``img_dir`` + ``seg_dir``) or from a JSON ``manifest``.
+    Every file of the splits a stage uses is read and checked before the stage starts. Training and validation
+    use ``train`` and ``val``; prediction samples one image per mask of ``predict_split`` (masks alone suffice),
+    or ``num_samples`` images when the model is unconditional (``num_classes=0``).
+
+    Args:
+        img_dir: image root holding ``train/``, ``val/`` and ``test/`` with ``.png``/``.npy`` files.
+        seg_dir: mask root holding ``<seg_type>/{train,val,test}/`` with files named like their images.
+        seg_type: the folder under ``seg_dir`` that holds the mask set to use.
+        manifest: JSON manifest of records, used instead of ``img_dir``/``seg_dir``.
+        num_classes: mask classes counting background (labels ``0..num_classes-1``); 0 means unconditional
+            (masks are ignored).
+        image_size: side in pixels of the square that images and masks are resized to.
+        channels: image channels (1 grey, 3 RGB, or any count with ``.npy``).
+        intensity_range: stored ``(low, high)`` values mapped to [-1, 1]; by default 8/16-bit images use their
+            full range and float images are min-max scaled per image.
+        batch_size: examples per batch (per device).
+        num_workers: DataLoader worker processes.
+        random_flip: flip training images and masks left-right at random.
+        predict_split: the split whose masks condition sampling.
+        num_samples: how many images ``predict`` samples for an unconditional model.
+    """
+
+    def __init__(
+        self,
+        img_dir: Optional[Path] = None,
+        seg_dir: Optional[Path] = None,
+        seg_type: str = "all",
+        manifest: Optional[Path] = None,
+        num_classes: int = 0,
+        image_size: int = 64,
+        channels: int = 1,
+        intensity_range: Optional[tuple[float, float]] = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        random_flip: bool = True,
+        predict_split: str = "test",
+        num_samples: int = 16,
+    ) -> None:
+        super().__init__()
+        if num_classes < 0 or num_classes == 1:
+            raise DataError(f"data.num_classes={num_classes}: use 0 (unconditional) or >= 2 (counting background)")
+        if image_size < 8:
+            raise DataError(f"data.image_size={image_size} is too small")
+        self.save_hyperparameters()
+        self.img_dir = Path(img_dir) if img_dir is not None else None
+        self.seg_dir = Path(seg_dir) if seg_dir is not None else None
+        self.seg_type = seg_type
+        self.manifest = Path(manifest) if manifest is not None else None
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.channels = channels
+        self.intensity_range = intensity_range
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.predict_split = predict_split
+        self.num_samples = num_samples
+        self.datasets: dict[str, object] = {}
+
+    @property
+    def conditional(self) -> bool:
+        """Whether examples carry masks."""
+        return self.num_classes > 0
+
+    def records(self, split: str, need_images: bool = True) -> list[ImageRecord]:
+        """The checked records of one split (every file read once)."""
+        if self.manifest is not None:
+            records = [r for r in read_manifest(self.manifest) if r.split == split]
+            if not records:
+                raise DataError(f"{self.manifest}: empty split '{split}': no records")
+            for r in records:
+                if need_images and r.image is None:
+                    raise DataError(f"{self.manifest}: record '{r.name}' in split '{split}' has no image")
+                if self.conditional and r.mask is None:
+                    raise DataError(f"{self.manifest}: record '{r.name}' in split '{split}' has no mask")
+            if not self.conditional:
+                records = [ImageRecord(r.name, r.split, r.image, None) for r in records]
+        else:
+            seg_dir = self.seg_dir if self.conditional else None
+            if self.conditional and seg_dir is None:
+                raise DataError(f"data.seg_dir is not set but data.num_classes={self.num_classes} asks for masks")
+            records = scan_reference_layout(split, self.img_dir, seg_dir, self.seg_type, need_images=need_images)
+        if not need_images:
+            records = [ImageRecord(r.name, r.split, None, r.mask) for r in records]
+        validate_records(records, self.channels, max(self.num_classes, 1))
+        return records
+
+    def _dataset(self, split: str, need_images: bool = True, random_flip: bool = False) -> SegGuidedImageDataset:
+        return SegGuidedImageDataset(
+            self.records(split, need_images),
+            image_size=self.image_size,
+            channels=self.channels,
+            num_classes=max(self.num_classes, 1),
+            random_flip=random_flip,
+            intensity_range=self.intensity_range,
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._dataset("train", random_flip=self.random_flip)
+            self.datasets["val"] = self._dataset("val")
+        elif stage == "validate":
+            self.datasets["val"] = self._dataset("val")
+        elif stage == "test":
+            self.datasets["test"] = self._dataset("test")
+        elif stage == "predict":
+            if self.conditional:
+                ds = self._dataset(self.predict_split, need_images=False)
+                names = [r.name for r in ds.records]
+                dupes = sorted({n for n in names if names.count(n) > 1})
+                if dupes:
+                    raise DataError(f"split '{self.predict_split}': several masks are named {dupes[0]}; names must be unique")
+                self.datasets["predict"] = ds
+            else:
+                self.datasets["predict"] = IndexDataset(self.num_samples)
+
+    def _loader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0 and split in ("train", "val"),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, drop_last=len(self.datasets["train"]) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

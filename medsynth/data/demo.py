@@ -1,0 +1,169 @@
+"""The demo dataset: 2D slices of the MNI152 brain template that nilearn ships, with tissue masks (no download).
+
+nilearn installs ``mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`` (197x233x189, 1 mm, skull-stripped
+T1 and grey/white-matter probability maps stored as 0..255). Slices are written once into a cache folder in the
+reference layout, then read like user data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from medsynth.data.datamodules import SegGuidedImageDataModule
+from medsynth.errors import DataError
+from medsynth.io import save_json, save_png
+
+Plane = Literal["axial", "coronal", "sagittal"]
+PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+CLASS_NAMES = ("background", "grey_matter", "white_matter")
+CACHE_VERSION = "v1"
+
+
+def default_cache_dir() -> Path:
+    """``$MEDSYNTH_CACHE``, else ``~/.cache/medsynth``: built demo data lives here, apart from user data."""
+    return Path(os.environ.get("MEDSYNTH_CACHE", Path.home() / ".cache" / "medsynth"))
+
+
+def mni152_files() -> dict[str, Path]:
+    """Paths of the T1, GM and WM volumes inside the installed nilearn package."""
+    try:
+        import nilearn
+    except ImportError:
+        raise DataError("the demo data needs nilearn: pip install nilearn") from None
+    data = Path(nilearn.__file__).parent / "datasets" / "data"
+    files = {k: data / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
+    for f in files.values():
+        if not f.is_file():
+            raise DataError(f"{f}: MNI152 template missing from the nilearn installation")
+    return files
+
+
+def mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
+    """The T1 volume (float32) and its tissue labels (0 background, 1 grey matter, 2 white matter).
+
+    The tissue maps are divided by 255 (they are stored as 0..255); a voxel takes the larger tissue probability
+    when that exceeds 0.5 inside the brain (T1 > 0), else background.
+    """
+    import nibabel as nib
+
+    files = mni152_files()
+    t1 = np.asarray(nib.load(files["t1"]).dataobj, dtype=np.float32)
+    gm = np.asarray(nib.load(files["gm"]).dataobj, dtype=np.float32)
+    wm = np.asarray(nib.load(files["wm"]).dataobj, dtype=np.float32)
+    if gm.max() > 1.5:
+        gm, wm = gm / 255.0, wm / 255.0
+    brain = t1 > 0
+    labels = np.zeros(t1.shape, dtype=np.uint8)
+    labels[brain & (gm > 0.5) & (gm >= wm)] = 1
+    labels[brain & (wm > 0.5) & (wm > gm)] = 2
+    return t1, labels
+
+
+def _square(a: np.ndarray) -> np.ndarray:
+    """Zero-pad a 2D slice to a centred square."""
+    h, w = a.shape
+    s = max(h, w)
+    out = np.zeros((s, s), dtype=a.dtype)
+    out[(s - h) // 2 : (s - h) // 2 + h, (s - w) // 2 : (s - w) // 2 + w] = a
+    return out
+
+
+def build_mni152_slices(root: Path, plane: Plane = "axial", min_brain_fraction: float = 0.1) -> Path:
+    """Write MNI152 slices of one plane in the reference layout under ``root`` (atomically: all or nothing).
+
+    Slices whose brain covers less than ``min_brain_fraction`` of the square are skipped. Splits interleave
+    along the slice axis: every 8th slice is test, every 8th shifted by 4 is val, the rest train.
+
+    Returns:
+        ``root``, holding ``images/{train,val,test}/*.png``, ``masks/all/{train,val,test}/*.png`` and
+        ``dataset.json`` (class names and provenance).
+    """
+    t1, labels = mni152_volumes()
+    axis = PLANE_AXIS[plane]
+    hi = float(np.percentile(t1[t1 > 0], 99.5))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        counts = {"train": 0, "val": 0, "test": 0}
+        for k in range(t1.shape[axis]):
+            img = _square(np.rot90(np.take(t1, k, axis=axis)))
+            lab = _square(np.rot90(np.take(labels, k, axis=axis)))
+            if (img > 0).mean() < min_brain_fraction:
+                continue
+            split = "test" if k % 8 == 0 else "val" if k % 8 == 4 else "train"
+            name = f"mni152_{plane}_{k:03d}.png"
+            save_png(tmp / "images" / split / name, (np.clip(img / hi, 0, 1) * 255).round().astype(np.uint8))
+            save_png(tmp / "masks" / "all" / split / name, lab)
+            counts[split] += 1
+        save_json(
+            tmp / "dataset.json",
+            {"source": "nilearn MNI152 2009a symmetric template", "plane": plane, "classes": list(CLASS_NAMES),
+             "splits": counts, "version": CACHE_VERSION},
+        )
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+class MNI152SliceDataModule(SegGuidedImageDataModule):
+    """Demo data: MNI152 T1 slices with background / grey matter / white matter masks (3 classes).
+
+    Built from the files nilearn ships into ``cache_dir`` on first use, then read through the reference layout.
+
+    Args:
+        plane: slicing plane.
+        cache_dir: where built demo data is kept (default ``$MEDSYNTH_CACHE`` or ``~/.cache/medsynth``).
+        num_classes: must be 3 (background, grey matter, white matter); 0 trains an unconditional model.
+        image_size: side of the square slices in pixels.
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        random_flip: flip training slices left-right at random.
+        num_samples: images sampled by ``predict`` when unconditional.
+    """
+
+    def __init__(
+        self,
+        plane: Plane = "axial",
+        cache_dir: Optional[Path] = None,
+        num_classes: int = 3,
+        image_size: int = 64,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        random_flip: bool = True,
+        num_samples: int = 16,
+    ) -> None:
+        if num_classes not in (0, len(CLASS_NAMES)):
+            raise DataError(f"data.num_classes={num_classes}: the MNI152 demo has {len(CLASS_NAMES)} classes (or 0)")
+        self.root = Path(cache_dir or default_cache_dir()) / f"mni152_{plane}_{CACHE_VERSION}"
+        super().__init__(
+            img_dir=self.root / "images",
+            seg_dir=self.root / "masks",
+            seg_type="all",
+            num_classes=num_classes,
+            image_size=image_size,
+            channels=1,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            random_flip=random_flip,
+            num_samples=num_samples,
+        )
+        self.plane = plane
+
+    def prepare_data(self) -> None:
+        if not (self.root / "dataset.json").is_file():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            build_mni152_slices(self.root, self.plane)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # prepare_data runs on one rank only; make sure the cache exists everywhere
+        super().setup(stage)

@@ -1,0 +1,290 @@
+"""2D images and integer masks on disk: discovery in the reference layout, reading, validation, and the Dataset.
+
+The reference layout (from the segmentation-guided diffusion project) is::
+
+    IMG_DIR/{train,val,test}/NAME.png|.npy
+    SEG_DIR/<seg_type>/{train,val,test}/NAME.png|.npy      # same file name, integer classes 0..K-1
+
+Every problem with a file is reported as one :class:`~medsynth.errors.DataError` line naming that file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from medsynth.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".npy")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One 2D example: an image and/or its mask, and the split it belongs to.
+
+    Attributes:
+        name: the file name that identifies the example (the image's, or the mask's when there is no image).
+        split: ``train``, ``val`` or ``test``.
+        image: path of the image, or ``None`` for a mask-only record (sampling from test masks).
+        mask: path of the integer mask, or ``None`` for unconditional data.
+    """
+
+    name: str
+    split: str
+    image: Optional[Path] = None
+    mask: Optional[Path] = None
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """The ``.png``/``.npy`` files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def find_partner(folder: Path, name: str) -> Optional[Path]:
+    """The file called ``name`` in ``folder``, or one with the same stem and the other accepted suffix."""
+    exact = folder / name
+    if exact.is_file():
+        return exact
+    stem = Path(name).stem
+    for suffix in IMAGE_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def scan_reference_layout(
+    split: str, img_dir: Optional[Path], seg_dir: Optional[Path], seg_type: str, need_images: bool = True
+) -> list[ImageRecord]:
+    """Records of one split of the reference layout.
+
+    Args:
+        split: ``train``, ``val`` or ``test``.
+        img_dir: root of the images (holds ``train/``, ``val/``, ``test/``); ``None`` for mask-only records.
+        seg_dir: root of the masks (holds ``<seg_type>/<split>/``); ``None`` for unconditional data.
+        seg_type: the mask set's folder name under ``seg_dir``.
+        need_images: when False and ``seg_dir`` is given, the masks alone define the records (sampling).
+
+    Raises:
+        DataError: an image without its partner mask, or a split with no files.
+    """
+    mask_folder = Path(seg_dir) / seg_type / split if seg_dir is not None else None
+    if need_images or seg_dir is None:
+        if img_dir is None:
+            raise DataError("data.img_dir is not set: give the folder that holds train/, val/ and test/")
+        folder = Path(img_dir) / split
+        files = list_image_files(folder)
+        if not files:
+            raise DataError(f"{folder}: empty split '{split}': no .png or .npy images found")
+        records = []
+        for image in files:
+            mask = None
+            if mask_folder is not None:
+                mask = find_partner(mask_folder, image.name)
+                if mask is None:
+                    raise DataError(f"{image}: missing partner mask {mask_folder / image.name}")
+            records.append(ImageRecord(name=image.name, split=split, image=image, mask=mask))
+        return records
+    files = list_image_files(mask_folder)
+    if not files:
+        raise DataError(f"{mask_folder}: empty split '{split}': no .png or .npy masks found")
+    return [ImageRecord(name=m.name, split=split, mask=m) for m in files]
+
+
+def _load_array(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file does not exist")
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False)
+        with Image.open(path) as im:
+            if im.mode == "P":  # palette PNGs store class indices directly
+                return np.asarray(im)
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(im).astype(np.uint16)
+            return np.asarray(im)
+    except (OSError, ValueError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """Read an image as ``(C, H, W)`` with its stored dtype.
+
+    PNG: grey (1 channel), RGB (3) or RGBA (4) via PIL. NPY: ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; the
+    expected ``channels`` decides between the last two.
+
+    Raises:
+        DataError: unreadable file, wrong number of dimensions or channels, NaN or infinite values.
+    """
+    path = Path(path)
+    arr = _load_array(path, "image")
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3:
+        if path.suffix.lower() == ".png" or (arr.shape[-1] == channels and arr.shape[0] != channels):
+            arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise DataError(f"{path}: image has shape {tuple(arr.shape)}; expected (H, W), (H, W, C) or (C, H, W)")
+    if arr.shape[0] != channels:
+        raise DataError(f"{path}: image has {arr.shape[0]} channels, expected {channels} (data.channels)")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{path}: image has unsupported dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(f"{path}: image contains NaN or infinite values")
+    return arr
+
+
+def read_mask(path: Path, num_classes: int) -> np.ndarray:
+    """Read an integer mask as ``(H, W)`` int64 with values in ``0..num_classes-1``.
+
+    Raises:
+        DataError: unreadable file, more than one channel, non-integer values, or a label >= ``num_classes``.
+    """
+    path = Path(path)
+    arr = _load_array(path, "mask")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{path}: mask has shape {tuple(arr.shape)}; expected a single-channel (H, W) label map")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+            raise DataError(f"{path}: mask holds non-integer values; expected class indices 0..{num_classes - 1}")
+    elif arr.dtype.kind not in "biu":
+        raise DataError(f"{path}: mask has unsupported dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0:
+        raise DataError(f"{path}: mask holds negative label {lo}")
+    if hi >= num_classes:
+        raise DataError(f"{path}: mask holds label {hi} >= data.num_classes={num_classes} (classes count background)")
+    return arr
+
+
+def to_unit_range(arr: np.ndarray, intensity_range: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Map stored intensities to float32 in [-1, 1].
+
+    Args:
+        arr: image as stored, shape ``(C, H, W)``.
+        intensity_range: ``(low, high)`` stored values that map to -1 and 1 (values outside are clipped). When
+            ``None``: 8-bit and 16-bit integers use their full range, booleans map to {-1, 1}, and anything else
+            (float NPY, other integers) is min-max scaled per image.
+    """
+    if intensity_range is not None:
+        lo, hi = float(intensity_range[0]), float(intensity_range[1])
+    elif arr.dtype == np.uint8:
+        lo, hi = 0.0, 255.0
+    elif arr.dtype == np.uint16:
+        lo, hi = 0.0, 65535.0
+    elif arr.dtype == np.bool_:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+    x = arr.astype(np.float32)
+    if hi <= lo:
+        return np.zeros_like(x)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0
+
+
+def validate_records(records: Sequence[ImageRecord], channels: int, num_classes: int) -> None:
+    """Read every file once and check it against the configuration, failing on the first problem.
+
+    Checks: each file readable; image channel count; mask single-channel, integer and below ``num_classes``;
+    image and mask of equal size; no NaN intensities.
+
+    Raises:
+        DataError: one line naming the file and the problem.
+    """
+    for rec in records:
+        image = read_image(rec.image, channels) if rec.image is not None else None
+        if rec.mask is not None:
+            mask = read_mask(rec.mask, num_classes)
+            if image is not None and tuple(image.shape[1:]) != tuple(mask.shape):
+                raise DataError(
+                    f"{rec.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image {rec.image} "
+                    f"({image.shape[2]}x{image.shape[1]})"
+                )
+
+
+def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``(C, H, W)`` to ``(C, size, size)`` with antialiased bilinear interpolation."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_mask(m: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize an integer ``(H, W)`` mask to ``(size, size)`` by nearest neighbour, so no new labels appear."""
+    if tuple(m.shape[-2:]) == (size, size):
+        return m
+    return F.interpolate(m[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0].long()
+
+
+class SegGuidedImageDataset(Dataset):
+    """2D images with optional integer masks, resized to a square and normalised to [-1, 1].
+
+    Each item is a dict: ``image`` ``(C, S, S)`` float32 in [-1, 1] (absent for mask-only records), ``mask``
+    ``(S, S)`` int64 (absent for unconditional data), ``name`` (file name) and ``index``.
+
+    Args:
+        records: the examples.
+        image_size: side ``S`` of the square the images and masks are resized to.
+        channels: image channels expected on disk.
+        num_classes: mask classes counting background (used to check labels).
+        random_flip: flip image and mask together left-right with probability 0.5 (training augmentation).
+        intensity_range: see :func:`to_unit_range`.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        image_size: int,
+        channels: int,
+        num_classes: int,
+        random_flip: bool = False,
+        intensity_range: Optional[Sequence[float]] = None,
+    ) -> None:
+        self.records = list(records)
+        self.image_size = image_size
+        self.channels = channels
+        self.num_classes = num_classes
+        self.random_flip = random_flip
+        self.intensity_range = intensity_range
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        item: dict = {"name": rec.name, "index": index}
+        flip = self.random_flip and torch.rand(()) < 0.5
+        if rec.image is not None:
+            arr = to_unit_range(read_image(rec.image, self.channels), self.intensity_range)
+            x = resize_image(torch.from_numpy(arr), self.image_size)
+            item["image"] = x.flip(-1) if flip else x
+        if rec.mask is not None:
+            m = resize_mask(torch.from_numpy(read_mask(rec.mask, self.num_classes)), self.image_size)
+            item["mask"] = m.flip(-1) if flip else m
+        return item
+
+
+class IndexDataset(Dataset):
+    """``n`` items carrying only a name and index: the inputs of unconditional sampling."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        return {"name": f"sample_{index:05d}.png", "index": index}

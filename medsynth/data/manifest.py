@@ -1,0 +1,57 @@
+"""JSON manifests of 2D examples, an alternative to the folder layout.
+
+Two forms are accepted; relative paths resolve against the manifest's folder::
+
+    [{"image": "img/a.png", "mask": "seg/a.png", "split": "train"}, ...]
+    {"train": [{"image": "img/a.png", "mask": "seg/a.png"}, ...], "val": [...], "test": [...]}
+
+``mask`` is optional (unconditional data); a test record may have a ``mask`` and no ``image`` (sampling only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medsynth.data.image2d import SPLITS, ImageRecord
+from medsynth.errors import DataError
+
+
+def read_manifest(path: str | Path) -> list[ImageRecord]:
+    """Read and check a manifest; every record gets absolute paths.
+
+    Raises:
+        DataError: missing or malformed manifest, a record without ``image``/``mask``, an unknown split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if isinstance(raw, dict):
+        entries = []
+        for split, items in raw.items():
+            if not isinstance(items, list):
+                raise DataError(f"{path}: manifest key '{split}' must hold a list of records")
+            entries += [dict(item, split=split) if isinstance(item, dict) else item for item in items]
+    elif isinstance(raw, list):
+        entries = raw
+    else:
+        raise DataError(f"{path}: manifest must be a list of records or a mapping split -> records")
+    root = path.parent
+    records = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: record {i} is not an object")
+        split = entry.get("split", "train")
+        if split not in SPLITS:
+            raise DataError(f"{path}: record {i} has split '{split}'; expected one of {', '.join(SPLITS)}")
+        image = root / entry["image"] if entry.get("image") else None
+        mask = root / entry["mask"] if entry.get("mask") else None
+        if image is None and mask is None:
+            raise DataError(f"{path}: record {i} names neither 'image' nor 'mask'")
+        name = (image or mask).name
+        records.append(ImageRecord(name=name, split=split, image=image, mask=mask))
+    return records

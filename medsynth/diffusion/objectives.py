@@ -1,0 +1,127 @@
+"""Training objectives: what the net is asked to predict from a noised sample, and how each sample is weighted."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+
+
+def _expand(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample ``(B,)`` tensor to broadcast over ``(B, C, *spatial)``."""
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+class Objective:
+    """A diffusion training objective: noising, regression target and per-sample loss weight.
+
+    Subclasses define the forward process; samplers read :meth:`scheduler_config` so that sampling inverts the
+    same process the net was trained on.
+    """
+
+    num_train_timesteps: int
+
+    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Uniform training timesteps ``(B,)`` int64 in ``[0, num_train_timesteps)`` (on the CPU)."""
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The noised sample ``xt`` for clean ``x0`` ``(B, C, *spatial)``, ``noise`` like it, timesteps ``t`` ``(B,)``."""
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the net should output for ``xt = add_noise(x0, noise, t)``."""
+        raise NotImplementedError
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Per-sample weight ``(B,)`` of the squared error at timesteps ``t``."""
+        return torch.ones(t.shape[0])
+
+    def scheduler_config(self) -> dict:
+        """Keyword arguments for a diffusers scheduler describing the same noise process."""
+        raise NotImplementedError
+
+
+class DDPMObjective(Objective):
+    """Discrete-time denoising diffusion (Ho et al., 2020, "Denoising Diffusion Probabilistic Models").
+
+    ``xt = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the cumulative product ``abar_t`` of ``1 - beta_t``.
+
+    Args:
+        prediction_type: the net predicts the noise ``eps`` (``epsilon``, Ho et al.), the velocity
+            ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (``v_prediction``, Salimans & Ho, 2022) or ``x0``
+            (``sample``).
+        num_train_timesteps: number of discrete noise levels ``T``.
+        beta_schedule: ``linear`` (Ho et al.), ``scaled_linear`` or ``squaredcos_cap_v2`` (cosine; Nichol &
+            Dhariwal, 2021).
+        beta_start: first beta of the linear schedules.
+        beta_end: last beta of the linear schedules.
+        min_snr_gamma: if set, weight each sample's loss by Min-SNR-gamma (Hang et al., 2023): ``min(SNR, gamma)``
+            divided by ``SNR`` (epsilon), ``SNR + 1`` (v) or 1 (x0); 5 is the paper's choice. ``None``: uniform.
+    """
+
+    def __init__(
+        self,
+        prediction_type: PredictionType = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: BetaSchedule = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        min_snr_gamma: Optional[float] = None,
+    ) -> None:
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"objective.min_snr_gamma={min_snr_gamma} must be positive")
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.min_snr_gamma = min_snr_gamma
+        self._scheduler = DDPMScheduler(**self.scheduler_config())
+        self.alphas_cumprod = self._scheduler.alphas_cumprod.float()  # (T,) abar_t
+
+    def scheduler_config(self) -> dict:
+        return dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            prediction_type=self.prediction_type,
+        )
+
+    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        abar = self.alphas_cumprod[t.cpu()]
+        return _expand(abar.sqrt(), like), _expand((1 - abar).sqrt(), like)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        a, s = self._coefficients(t, x0)
+        return a * x0 + s * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        a, s = self._coefficients(t, x0)
+        return a * noise - s * x0
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` at timesteps ``t`` ``(B,)``."""
+        abar = self.alphas_cumprod[t.cpu()]
+        return abar / (1 - abar)
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape[0])
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped

@@ -1,0 +1,111 @@
+"""Samplers: the one denoising loop every module uses, over a diffusers scheduler."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
+
+from medsynth.diffusion.objectives import Objective
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+"""``denoise(xt, t) -> net output`` for ``xt`` ``(B, C, *spatial)`` and timesteps ``t`` ``(B,)``."""
+
+
+def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> Tensor:
+    """Standard normal noise ``(B, *shape)``, one CPU generator per sample.
+
+    Drawing each sample from its own generator makes a sample depend on its seed alone, not on batch size,
+    device count or device type.
+    """
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
+
+
+class Sampler:
+    """Base sampler: builds a scheduler matching the objective and runs the reverse process.
+
+    Args:
+        num_inference_steps: denoising steps.
+        clip_sample: clip the scheduler's ``x0`` estimate to [-1, 1] at each step (right for images in [-1, 1],
+            wrong for unbounded latents).
+    """
+
+    def __init__(self, num_inference_steps: int = 50, clip_sample: bool = True) -> None:
+        if num_inference_steps < 1:
+            raise ValueError(f"sampler.num_inference_steps={num_inference_steps} must be >= 1")
+        self.num_inference_steps = num_inference_steps
+        self.clip_sample = clip_sample
+
+    def make_scheduler(self, objective: Objective):
+        raise NotImplementedError
+
+    def step_kwargs(self, generators: Optional[Sequence[torch.Generator]]) -> dict:
+        return {"generator": list(generators) if generators is not None else None}
+
+    def describe(self) -> dict:
+        """The sampler's settings, for sample metadata."""
+        return {"class": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: Tensor,
+        objective: Objective,
+        generators: Optional[Sequence[torch.Generator]] = None,
+    ) -> Tensor:
+        """Run the reverse process from ``noise`` ``(B, C, *spatial)`` and return the final sample (same shape).
+
+        Args:
+            denoise: the conditioned net, see :data:`Denoiser`.
+            noise: the starting point, standard normal.
+            objective: the objective the net was trained with (schedule and prediction type).
+            generators: one CPU generator per sample for stochastic steps (DDPM, DDIM with eta > 0).
+        """
+        scheduler = self.make_scheduler(objective)
+        scheduler.set_timesteps(self.num_inference_steps, device=noise.device)
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            out = denoise(x_in, t.expand(x.shape[0])).float()
+            x = scheduler.step(out, t, x, **self.step_kwargs(generators)).prev_sample
+        return x
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling (Ho et al., 2020); ``num_inference_steps`` below the training steps skips levels.
+
+    Args:
+        num_inference_steps: denoising steps (1000 reproduces training's schedule exactly).
+        clip_sample: see :class:`Sampler`.
+    """
+
+    def __init__(self, num_inference_steps: int = 1000, clip_sample: bool = True) -> None:
+        super().__init__(num_inference_steps, clip_sample)
+
+    def make_scheduler(self, objective: Objective) -> DDPMScheduler:
+        return DDPMScheduler(**objective.scheduler_config(), clip_sample=self.clip_sample)
+
+
+class DDIMSampler(Sampler):
+    """Denoising diffusion implicit models (Song et al., 2021): few steps, deterministic at ``eta=0``.
+
+    Args:
+        num_inference_steps: denoising steps (the reference pipeline uses 50).
+        eta: noise added per step; 0 is deterministic DDIM, 1 matches DDPM's variance.
+        clip_sample: see :class:`Sampler`.
+    """
+
+    def __init__(self, num_inference_steps: int = 50, eta: float = 0.0, clip_sample: bool = True) -> None:
+        super().__init__(num_inference_steps, clip_sample)
+        if eta < 0:
+            raise ValueError(f"sampler.eta={eta} must be >= 0")
+        self.eta = eta
+
+    def make_scheduler(self, objective: Objective) -> DDIMScheduler:
+        return DDIMScheduler(**objective.scheduler_config(), clip_sample=self.clip_sample)
+
+    def step_kwargs(self, generators):
+        return {"eta": self.eta, **super().step_kwargs(generators)}

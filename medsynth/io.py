@@ -1,0 +1,68 @@
+"""Atomic file writing: a reader never sees a half-written file, and a killed run leaves none behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write a file through ``write(tmp_path)`` into a temporary name beside ``path``, then rename it into place.
+
+    Args:
+        path: final file path; its folder is created.
+        write: called with the temporary path; must create the file there.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Save a uint8 array of shape (H, W), (H, W, 1) or (H, W, 3) as PNG, atomically."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Save an array as ``.npy``, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Save an object as indented JSON, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+
+    return atomic_write(path, write)

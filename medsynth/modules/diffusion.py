@@ -1,0 +1,198 @@
+"""DiffusionModule: trains a denoising net with an objective and samples from it with a sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from medsynth.diffusion.conditioning import MaskEncoding, ablate_mask, encode_mask, mask_channels
+from medsynth.diffusion.objectives import DDPMObjective, Objective
+from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise
+from medsynth.nets.unet2d import UNet2D
+
+NetFactory = Callable[[int, int], nn.Module]
+"""Builds the denoising net from ``(in_channels, out_channels)``; in YAML, a class path with its other arguments."""
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by ``(seed, dataset index)``: a sample depends on nothing else."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+class DiffusionModule(L.LightningModule):
+    """A denoising diffusion model, unconditional or guided by segmentation masks, in pixel space.
+
+    The net sees the noised image with the encoded mask concatenated as extra channels (Konz et al., 2024,
+    "Anatomically-Controllable Medical Image Generation with Segmentation-Guided Diffusion Models").
+
+    Args:
+        net: the denoising net, built with ``(image_channels + mask channels, image_channels)``.
+            Default: :class:`~medsynth.nets.UNet2D` with its defaults.
+        objective: training objective and noise schedule. Default: DDPM with epsilon prediction, 1000 steps.
+        sampler: sampling loop for predict and preview grids. Default: DDIM, 50 steps, eta 0. At predict time the
+            sampler given on the command line is used, not the one stored in the checkpoint.
+        num_classes: mask classes counting background; 0 trains an unconditional model (linked from the data).
+        image_channels: image channels (linked from the data).
+        image_size: image side in pixels, used for unconditional sampling (linked from the data).
+        mask_encoding: ``one_hot`` (K channels) or ``scalar`` (one channel holding k/255, the reference's).
+        mask_ablation_prob: during training, remove each non-background class from each sample's mask with this
+            probability, so sampling can condition on any subset of classes. 0 disables.
+        lr: peak learning rate.
+        optimizer: optimiser class; its learning rate is ``lr``.
+        lr_warmup_steps: linear warm-up steps before the cosine decay.
+        lr_schedule: ``cosine`` decays to 0 over the run's optimiser steps after warm-up; ``constant`` holds ``lr``.
+        sample_seed: seed of sampling noise; a sample depends only on it and its index.
+    """
+
+    def __init__(
+        self,
+        net: Optional[NetFactory] = None,
+        objective: Optional[Objective] = None,
+        sampler: Optional[Sampler] = None,
+        num_classes: int = 0,
+        image_channels: int = 1,
+        image_size: int = 64,
+        mask_encoding: MaskEncoding = "one_hot",
+        mask_ablation_prob: float = 0.0,
+        lr: float = 1e-4,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_warmup_steps: int = 500,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ablation_prob <= 1.0:
+            raise ValueError(f"model.mask_ablation_prob={mask_ablation_prob} must lie in [0, 1]")
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.image_channels = image_channels
+        self.image_size = image_size
+        self.mask_encoding = mask_encoding
+        self.mask_ablation_prob = mask_ablation_prob
+        self.lr = lr
+        self.optimizer = optimizer
+        self.lr_warmup_steps = lr_warmup_steps
+        self.lr_schedule = lr_schedule
+        self.sample_seed = sample_seed
+        self.objective = objective if objective is not None else DDPMObjective()
+        self.sampler = sampler if sampler is not None else DDIMSampler()
+        in_channels = image_channels + mask_channels(num_classes, mask_encoding)
+        self.net = (net or UNet2D)(in_channels, image_channels)
+
+    # ----------------------------------------------------------------- conditioning
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def condition(self, mask: Optional[Tensor], ablate: bool = False, generator=None) -> Optional[Tensor]:
+        """Encode a mask ``(B, *spatial)`` into net input channels, ablating classes when training."""
+        if not self.conditional:
+            return None
+        if mask is None:
+            raise ValueError("this model is mask-conditioned (num_classes > 0) but the batch has no 'mask'")
+        if ablate:
+            mask = ablate_mask(mask, self.num_classes, self.mask_ablation_prob, generator)
+        return encode_mask(mask, self.num_classes, self.mask_encoding)
+
+    def denoise(self, xt: Tensor, t: Tensor, cond: Optional[Tensor]) -> Tensor:
+        """The net's output for noised ``xt`` ``(B, C, *spatial)`` at ``t`` ``(B,)`` given encoded ``cond``."""
+        x = xt if cond is None else torch.cat([xt, cond.to(xt.dtype)], dim=1)
+        return self.net(x, t)
+
+    # ----------------------------------------------------------------- training
+    def diffusion_loss(self, batch: dict, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The objective's weighted squared error on one batch; ``generator`` fixes noise and timesteps."""
+        x0 = batch["image"]  # (B, C, *spatial) in [-1, 1]
+        cond = self.condition(batch.get("mask"), ablate=self.training, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0) if generator else torch.randn_like(x0)
+        t = self.objective.sample_timesteps(x0.shape[0], generator).to(x0.device)
+        xt = self.objective.add_noise(x0, noise, t)
+        pred = self.denoise(xt, t, cond)
+        target = self.objective.target(x0, noise, t)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (per_sample * self.objective.loss_weight(t).to(per_sample)).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        # The same noise and timesteps every epoch, so val/loss moves only with the weights.
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        loss = self.diffusion_loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        generator = torch.Generator().manual_seed(20_000 + batch_idx)
+        loss = self.diffusion_loss(batch, generator)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer(self.net.parameters(), lr=self.lr)
+        total = self.trainer.estimated_stepping_batches
+        warmup = max(int(self.lr_warmup_steps), 0)
+        if self.lr_schedule == "cosine" and total not in (None, float("inf")):
+            sched = get_cosine_schedule_with_warmup(opt, warmup, int(total))
+        else:
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        mask: Optional[Tensor] = None,
+        indices: Optional[Sequence[int]] = None,
+        sampler: Optional[Sampler] = None,
+        seed: Optional[int] = None,
+    ) -> Tensor:
+        """Generate images ``(B, C, *spatial)`` in [-1, 1].
+
+        Args:
+            mask: ``(B, *spatial)`` integer masks to condition on (mask-guided models).
+            indices: one index per sample seeding its noise (default ``0..B-1``); unconditional models need it
+                (or a mask) to know ``B``.
+            sampler: overrides the module's sampler.
+            seed: overrides ``sample_seed``.
+        """
+        if mask is not None:
+            n, spatial = mask.shape[0], tuple(mask.shape[1:])
+        elif indices is not None:
+            n, spatial = len(indices), (self.image_size, self.image_size)
+        else:
+            raise ValueError("sample() needs masks or sample indices")
+        indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        generators = sample_generators(self.sample_seed if seed is None else seed, indices)
+        cond = self.condition(mask.to(self.device) if mask is not None else None)
+        noise = initial_noise((self.image_channels, *spatial), generators, self.device)
+        x = (sampler or self.sampler).sample(
+            lambda xt, t: self.denoise(xt, t, cond), noise, self.objective, generators
+        )
+        return x.clamp(-1, 1)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        indices = batch["index"].tolist()
+        samples = self.sample(batch.get("mask"), indices=indices)
+        out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}
+        if "mask" in batch:
+            out["mask"] = batch["mask"].cpu()
+        return out
+
+    # ----------------------------------------------------------------- export
+    def export_diffusers(self, folder: str | Path) -> Path:
+        """Write the net in diffusers format under ``folder/unet`` (for the reference pipeline's users)."""
+        if not hasattr(self.net, "save_pretrained"):
+            raise ValueError(f"{type(self.net).__name__} cannot be exported in diffusers format")
+        return self.net.save_pretrained(Path(folder) / "unet", sample_size=self.image_size)

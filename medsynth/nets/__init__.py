@@ -1,0 +1,5 @@
+"""Plain ``nn.Module`` networks (no Lightning here)."""
+
+from medsynth.nets.unet2d import UNet2D
+
+__all__ = ["UNet2D"]

@@ -1,0 +1,47 @@
+"""Turning tensors into viewable pictures: intensity to 8-bit, masks to colours, grids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# Background black, then distinct colours (Okabe-Ito palette, readable with colour-blindness).
+PALETTE = np.array(
+    [[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0],
+     [204, 121, 167], [255, 255, 255]],
+    dtype=np.uint8,
+)
+
+
+def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An image ``(C, H, W)`` in [-1, 1] as uint8 ``(H, W)`` (1 channel), ``(H, W, 3)`` (3), or its first channel."""
+    x = np.asarray(x.detach().float().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    if x.ndim == 3:
+        x = np.moveaxis(x, 0, -1) if x.shape[0] == 3 else x[0]
+    return (np.clip((x + 1.0) / 2.0, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def colorize_mask(mask: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An integer mask ``(H, W)`` as RGB uint8 ``(H, W, 3)``; classes beyond the palette cycle through it."""
+    m = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask).astype(np.int64)
+    colours = np.concatenate([PALETTE[:1], PALETTE[1:][(np.arange(max(m.max(), 1)) % (len(PALETTE) - 1))]])
+    return colours[m]
+
+
+def as_rgb(a: np.ndarray) -> np.ndarray:
+    return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a
+
+
+def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile rows of equally sized uint8 pictures into one RGB picture with ``pad`` white pixels between them."""
+    rows = [[as_rgb(a) for a in row] for row in rows if len(row)]
+    h, w = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, a in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y : y + h, x : x + w] = a
+    return out

@@ -1,0 +1,173 @@
+"""End to end through the ``medsynth`` command, in-process, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from medsynth.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BASE = ["--config", str(CONFIGS / "seg2d.yaml"), "--config", str(CONFIGS / "tests" / "tiny.yaml")]
+
+
+def run(*args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def data_args(img_dir, seg_dir, k=3):
+    return ["--data.img_dir", img_dir, "--data.seg_dir", seg_dir, "--data.num_classes", k]
+
+
+@pytest.fixture
+def trained(seg_dataset, tmp_path):
+    """A tiny mask-guided model trained for 4 steps; returns (run_dir, data args)."""
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "run"
+    dargs = data_args(img_dir, seg_dir)
+    assert run("fit", *BASE, *dargs, "--trainer.default_root_dir", run_dir) == 0
+    return run_dir, dargs
+
+
+def test_fit_keeps_config_and_checkpoints(trained):
+    run_dir, _ = trained
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 4
+    assert ckpt["hyper_parameters"]["num_classes"] == 3  # linked from the data
+    assert "num_classes: 3" in (run_dir / "config.yaml").read_text()
+
+
+def test_predict_writes_named_samples_grid_and_metadata_deterministically(trained, tmp_path, seg_dataset):
+    run_dir, dargs = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "samples"
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out) == 0
+    test_masks = sorted(p.name for p in (seg_dataset[1] / "all" / "test").iterdir())
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == test_masks
+    assert sorted(p.name for p in (out / "masks").glob("*.png")) == test_masks
+    arr = np.load(out / "samples" / "case_test_000.npy")
+    assert arr.shape == (1, 16, 16) and arr.dtype == np.float32 and -1 <= arr.min() and arr.max() <= 1
+    png = np.array(Image.open(out / "samples" / "case_test_000.png"))
+    assert png.shape == (16, 16) and png.dtype == np.uint8
+    assert list(out.glob("*grid*.png"))
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["checkpoint"] == str(ckpt.resolve())
+    assert meta["sampler"]["class"] == "DDIMSampler" and meta["sampler"]["num_inference_steps"] == 3
+    assert meta["seed"] == 0
+    assert (out / "config.yaml").is_file()
+
+    # same seed, same samples (bit for bit; up to float rounding with another batch size)
+    out2 = tmp_path / "again"
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out2) == 0
+    assert np.array_equal(np.load(out2 / "samples" / "case_test_003.npy"), np.load(out / "samples" / "case_test_003.npy"))
+    out_b3 = tmp_path / "batch3"
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out_b3, "--data.batch_size", 3) == 0
+    assert np.allclose(np.load(out_b3 / "samples" / "case_test_003.npy"), np.load(out / "samples" / "case_test_003.npy"),
+                       atol=1e-4)
+    # another seed, other samples; the sampler comes from the command line, not the checkpoint
+    out3 = tmp_path / "seed1"
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out3, "--seed", 1,
+               "--model.sampler.init_args.num_inference_steps", 5) == 0
+    assert not np.array_equal(np.load(out3 / "samples" / "case_test_000.npy"), arr)
+    meta3 = json.loads((out3 / "metadata.json").read_text())
+    assert meta3["seed"] == 1 and meta3["sampler"]["num_inference_steps"] == 5
+
+
+def test_predict_refuses_non_empty_output_dir_unless_overwrite(trained, tmp_path, capsys):
+    run_dir, dargs = trained
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("medsynth: error:") and str(out) in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out, "--overwrite") == 0
+    assert (out / "grid.png").is_file() and (out / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_continues_from_last_checkpoint(trained):
+    run_dir, dargs = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert run("fit", *BASE, *dargs, "--trainer.default_root_dir", run_dir, "--trainer.max_steps", 7,
+               "--ckpt_path", ckpt) == 0
+    resumed = torch.load(ckpt, weights_only=False, map_location="cpu")
+    assert resumed["global_step"] == 7
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config.1.yaml").is_file()
+
+
+def test_export_writes_diffusers_unet(trained, tmp_path):
+    run_dir, dargs = trained
+    out = tmp_path / "export"
+    assert run("export", *BASE, *dargs, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
+    unet = UNet2DModel.from_pretrained(str(out / "unet"))
+    assert unet.config.in_channels == 1 + 3 and unet.config.out_channels == 1 and unet.config.sample_size == 16
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+    assert torch.equal(unet.conv_in.weight, state["net.unet.conv_in.weight"])
+
+
+def test_bad_data_fails_with_one_line_naming_the_file(seg_dataset, tmp_path, capsys):
+    img_dir, seg_dir = seg_dataset
+    (seg_dir / "all" / "train" / "case_train_001.png").unlink()
+    code = run("fit", *BASE, *data_args(img_dir, seg_dir), "--trainer.default_root_dir", tmp_path / "run")
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("medsynth: error:") and "case_train_001.png" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_checkpoint_is_reported(seg_dataset, tmp_path, capsys):
+    img_dir, seg_dir = seg_dataset
+    code = run("predict", *BASE, *data_args(img_dir, seg_dir), "--ckpt_path", tmp_path / "nope.ckpt",
+               "--output_dir", tmp_path / "o")
+    assert code == 2 and "nope.ckpt: checkpoint does not exist" in capsys.readouterr().err
+
+
+def test_unconditional_bf16_scalar_free_model(seg_dataset, tmp_path):
+    img_dir, _ = seg_dataset
+    run_dir = tmp_path / "uncond"
+    args = [*BASE, "--data.img_dir", img_dir, "--data.num_classes", 0]
+    assert run("fit", *args, "--trainer.default_root_dir", run_dir, "--trainer.precision", "bf16-mixed") == 0
+    out = tmp_path / "uncond_samples"
+    assert run("predict", *args, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out,
+               "--data.num_samples", 5) == 0
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [f"sample_{i:05d}.png" for i in range(5)]
+    assert not (out / "masks").exists()
+
+
+def test_scalar_mask_encoding_and_ablation_train(seg_dataset, tmp_path):
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "scalar"
+    assert run("fit", *BASE, *data_args(img_dir, seg_dir), "--model.mask_encoding", "scalar",
+               "--model.mask_ablation_prob", 0.5, "--trainer.default_root_dir", run_dir) == 0
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+    assert state["net.unet.conv_in.weight"].shape[1] == 2  # image + one k/255 channel
+
+
+def test_wandb_runs_offline_without_a_key(trained, seg_dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "wb"
+    with pytest.warns(UserWarning, match="logging offline"):
+        code = run("fit", *BASE, *data_args(img_dir, seg_dir), "--trainer.default_root_dir", run_dir,
+                   "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+                   "--trainer.logger.init_args.offline", "false", "--trainer.logger.init_args.project", "t")
+    assert code == 0
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
