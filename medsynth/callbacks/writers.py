@@ -41,13 +41,15 @@ class SampleWriter(BasePredictionWriter):
     Args:
         output_dir: destination folder.
         grid_size: samples shown in the grid.
+        grid_columns: samples per grid row (each row of samples sits under a row of its masks).
         metadata: extra entries for ``metadata.json`` (checkpoint path, seed, ...).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, metadata: Optional[dict] = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, grid_columns: int = 8, metadata: Optional[dict] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.grid_size = grid_size
+        self.grid_columns = grid_columns
         self.metadata = dict(metadata or {})
         self._grid: list[tuple[Optional[np.ndarray], np.ndarray]] = []
         self._count = 0
@@ -75,9 +77,12 @@ class SampleWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         if self._grid:
-            rows = [[v for _, v in self._grid]]
-            if self._grid[0][0] is not None:
-                rows.insert(0, [m for m, _ in self._grid])
+            rows = []
+            for start in range(0, len(self._grid), self.grid_columns):
+                chunk = self._grid[start : start + self.grid_columns]
+                if chunk[0][0] is not None:
+                    rows.append([m for m, _ in chunk])
+                rows.append([v for _, v in chunk])
             save_png(self.output_dir / "grid.png", make_grid(rows))
         sampler = getattr(pl_module, "sampler", None)
         save_json(

@@ -171,3 +171,14 @@ def test_wandb_runs_offline_without_a_key(trained, seg_dataset, tmp_path, monkey
     assert code == 0
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_predict_takes_the_architecture_from_the_checkpoint(seg_dataset, tmp_path):
+    img_dir, seg_dir = seg_dataset
+    dargs = data_args(img_dir, seg_dir)
+    run_dir = tmp_path / "wide"
+    assert run("fit", *BASE, *dargs, "--trainer.default_root_dir", run_dir, "--trainer.max_steps", 2,
+               "--model.net.init_args.block_out_channels", "[16, 16]") == 0
+    out = tmp_path / "s"  # the config says [8, 16]; the checkpoint's [16, 16] must win
+    assert run("predict", *BASE, *dargs, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
+    assert len(list((out / "samples").glob("*.npy"))) == 4
