@@ -5,7 +5,9 @@ This is the only module that knows about the command line. Conventions it enforc
 * every run directory (``--trainer.default_root_dir``) keeps its resolved config (``config.yaml``; a resumed run
   adds ``config.1.yaml``, ...), its checkpoints under ``checkpoints/`` and its W&B files;
 * Weights & Biases runs offline unless the user sets ``offline: false`` and has an API key;
-* ``predict --ckpt_path`` takes the architecture from the checkpoint but the sampler and seed from the command line;
+* ``predict --ckpt_path`` takes the architecture (and the data's class count, channels and size) from the
+  checkpoint, the data folders from the command line or else the checkpoint, and the sampler and seed from the
+  command line;
 * data describes itself to the model: ``num_classes``, ``channels`` and ``image_size`` are linked from the data.
 """
 
@@ -20,13 +22,18 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from medsynth.callbacks.writers import SampleWriter, check_output_dir
 from medsynth.errors import MedsynthError
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
+MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size")
+"""Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
+DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
+"""Where the data lives: taken from the checkpoint only when not given on the command line."""
 
 
 class MedsynthTrainer(Trainer):
@@ -131,12 +138,13 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def _is_checkpoint_class(class_path: Optional[str]) -> bool:
+def _is_subclass(class_path: Optional[str], base: type) -> bool:
+    """Whether the class named by a config's ``class_path`` derives from ``base`` (False if it cannot be found)."""
     if not class_path or "." not in class_path:
         return False
     module, _, name = class_path.rpartition(".")
     try:
-        return issubclass(getattr(importlib.import_module(module), name), ModelCheckpoint)
+        return issubclass(getattr(importlib.import_module(module), name), base)
     except (ImportError, AttributeError, TypeError):
         return False
 
@@ -165,6 +173,21 @@ class MedsynthCLI(LightningCLI):
         for src, dst in (("num_classes", "num_classes"), ("channels", "image_channels"), ("image_size", "image_size")):
             parser.link_arguments(f"data.init_args.{src}", f"model.init_args.{dst}", apply_on="parse")
 
+    def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
+        """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        data = self.config[sub].get("data")
+        if not saved or data is None or saved.get("_class_path") != data.get("class_path"):
+            return
+        init = data["init_args"]
+        for k in MODEL_DESCRIBING_DATA_ARGS:
+            if k in saved and k in init:
+                init[k] = saved[k]
+        for k in DATA_LOCATION_ARGS:
+            if k in saved and k in init and init.get(k) is None:
+                init[k] = saved[k]
+
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
         keep = {}
@@ -176,6 +199,8 @@ class MedsynthCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
             raise MedsynthError(f"{ckpt_path}: checkpoint does not exist")
+        if sub in ("predict", "validate", "test", "export") and ckpt_path and Path(ckpt_path).is_file():
+            self._apply_checkpoint_data(sub, ckpt_path)
         super()._parse_ckpt_path()
         for k, v in keep.items():
             self.config[sub]["model"]["init_args"][k] = v
@@ -197,12 +222,15 @@ class MedsynthCLI(LightningCLI):
                 init["offline"] = True
             elif not init.get("offline", False) and not _wandb_key_available():
                 warnings.warn("W&B online logging was asked for but no API key is set (WANDB_API_KEY or "
-                              "~/.netrc): logging offline instead; `wandb sync` uploads the run later")
+                              "~/.netrc): logging offline instead; `wandb sync` uploads the run later", stacklevel=2)
                 init["offline"] = True
-        for cb in trainer.get("callbacks") or []:
-            if hasattr(cb, "get") and _is_checkpoint_class(cb.get("class_path")):
-                if cb["init_args"].get("dirpath") is None:
-                    cb["init_args"]["dirpath"] = str(root / "checkpoints")
+        callbacks = [cb for cb in trainer.get("callbacks") or [] if hasattr(cb, "get")]
+        if sub != "fit":  # checkpointing and weight averaging only act while fitting; elsewhere they only warn
+            callbacks = [cb for cb in callbacks if not _is_subclass(cb.get("class_path"), TRAINING_ONLY_CALLBACKS)]
+            trainer["callbacks"] = callbacks
+        for cb in callbacks:
+            if _is_subclass(cb.get("class_path"), ModelCheckpoint) and cb["init_args"].get("dirpath") is None:
+                cb["init_args"]["dirpath"] = str(root / "checkpoints")
 
 
 FLAGS = ("--overwrite",)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from medsynth.io import save_png

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 

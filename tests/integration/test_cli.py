@@ -182,3 +182,11 @@ def test_predict_takes_the_architecture_from_the_checkpoint(seg_dataset, tmp_pat
     out = tmp_path / "s"  # the config says [8, 16]; the checkpoint's [16, 16] must win
     assert run("predict", *BASE, *dargs, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
     assert len(list((out / "samples").glob("*.npy"))) == 4
+
+
+def test_predict_with_only_the_recipe_reads_data_settings_from_the_checkpoint(trained, tmp_path):
+    run_dir, _ = trained  # trained with 3 classes; configs/seg2d.yaml says 2 and names no folders
+    out = tmp_path / "plain"
+    assert run("predict", *BASE, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
+    assert len(list((out / "samples").glob("*.npy"))) == 4
+    assert np.array(Image.open(out / "masks" / "case_test_000.png")).max() <= 2
