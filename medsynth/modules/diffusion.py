@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -19,6 +20,22 @@ from medsynth.nets.unet2d import UNet2D
 
 NetFactory = Callable[[int, int], nn.Module]
 """Builds the denoising net from ``(in_channels, out_channels)``; in YAML, a class path with its other arguments."""
+
+
+def plain_callable(fn: Callable) -> Callable:
+    """Strip jsonargparse's instantiation wrapper from a class callable, keeping the class and its arguments.
+
+    The wrapper holds the CLI (and, under DDP, thread locks), which makes the module impossible to deep-copy, and
+    EMA deep-copies the module.
+    """
+    if (
+        isinstance(fn, functools.partial)
+        and getattr(fn.func, "__module__", "").startswith("jsonargparse")
+        and len(fn.args) >= 2
+        and isinstance(fn.args[1], type)
+    ):
+        return functools.partial(fn.args[1], *fn.args[2:], **fn.keywords)
+    return fn
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -77,7 +94,7 @@ class DiffusionModule(L.LightningModule):
         self.mask_encoding = mask_encoding
         self.mask_ablation_prob = mask_ablation_prob
         self.lr = lr
-        self.optimizer = optimizer
+        self.optimizer = plain_callable(optimizer)
         self.lr_warmup_steps = lr_warmup_steps
         self.lr_schedule = lr_schedule
         self.sample_seed = sample_seed

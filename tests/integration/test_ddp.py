@@ -5,12 +5,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.slow
 def test_ddp_fit_then_predict_on_two_processes(seg_dataset, tmp_path):
     img_dir, seg_dir = seg_dataset
     base = [sys.executable, "-m", "medsynth"]
