@@ -29,6 +29,9 @@ from medsynth.callbacks.writers import SampleWriter, check_output_dir
 from medsynth.errors import MedsynthError
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+DATA_TO_MODEL = (("num_classes", "num_classes"), ("channels", "image_channels"), ("image_size", "image_size"),
+                 ("class_names", "class_names"))
+"""(DataModule attribute, model argument) pairs linked when both are instantiated."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
 MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size")
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
@@ -138,6 +141,14 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _data_attr(name: str):
+    def get(data):
+        return getattr(data, name, None)
+
+    get.__name__ = f"data_{name}"
+    return get
+
+
 def _is_subclass(class_path: Optional[str], base: type) -> bool:
     """Whether the class named by a config's ``class_path`` derives from ``base`` (False if it cannot be found)."""
     if not class_path or "." not in class_path:
@@ -170,8 +181,10 @@ class MedsynthCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for src, dst in (("num_classes", "num_classes"), ("channels", "image_channels"), ("image_size", "image_size")):
-            parser.link_arguments(f"data.init_args.{src}", f"model.init_args.{dst}", apply_on="parse")
+        # The data describes itself to the model once instantiated (a class map's labels are only known after
+        # reading it). Every DataModule exposes these attributes; a model without the argument is not linked.
+        for attr, dst in DATA_TO_MODEL:
+            parser.link_arguments("data", f"model.init_args.{dst}", compute_fn=_data_attr(attr), apply_on="instantiate")
 
     def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
         """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
@@ -195,7 +208,7 @@ class MedsynthCLI(LightningCLI):
             model = self.config[sub].get("model")
             init = model.get("init_args") if model is not None else None
             if init is not None:
-                keep = {k: init.get(k) for k in ("sampler", "sample_seed")}
+                keep = {k: init.get(k) for k in ("sampler", "sample_seed", "guidance_scale")}
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
             raise MedsynthError(f"{ckpt_path}: checkpoint does not exist")
@@ -253,9 +266,23 @@ def main(args: Optional[list[str]] = None) -> None:
     args = expand_flags(list(sys.argv[1:] if args is None else args))
     try:
         MedsynthCLI(args=args)
-    except MedsynthError as exc:
-        print(f"medsynth: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        user_error = _find_user_error(exc)
+        if user_error is None:
+            raise
+        print(f"medsynth: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _find_user_error(exc: BaseException) -> Optional[MedsynthError]:
+    """The :class:`MedsynthError` behind ``exc``, if any (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MedsynthError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ class SampleGridLogger(L.Callback):
             return
         n = min(self.num_samples, batch["image"].shape[0])
         mask = batch["mask"][:n] if "mask" in batch else None
-        samples = pl_module.sample(mask, indices=list(range(n)), seed=self.seed)
+        labels = batch["label"][:n] if "label" in batch else None
+        samples = pl_module.sample(mask, labels, indices=list(range(n)), seed=self.seed)
         rows = []
         if mask is not None:
             rows.append([colorize_mask(m) for m in mask])

@@ -32,8 +32,9 @@ class SampleWriter(BasePredictionWriter):
     Layout under ``output_dir``::
 
         samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000)
+        CLASS/sample_00000.png, .npy         # class-conditional models: a folder per class name
         masks/NAME.png                       # the conditioning mask, as integer labels (mask-guided models)
-        grid.png                             # masks (coloured) above their samples, first ``grid_size``
+        grid.png                             # masks (coloured) above their samples, or a row per class
         metadata.json                        # checkpoint, sampler, steps, seed, count, versions
 
     Every file is written atomically.
@@ -51,26 +52,28 @@ class SampleWriter(BasePredictionWriter):
         self.grid_size = grid_size
         self.grid_columns = grid_columns
         self.metadata = dict(metadata or {})
-        self._grid: list[tuple[Optional[np.ndarray], np.ndarray]] = []
+        self._grid: list[tuple[Optional[int], Optional[np.ndarray], np.ndarray]] = []  # (label, mask, sample)
         self._count = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._grid, self._count = [], 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
-        masks = prediction.get("mask")
+        masks, labels = prediction.get("mask"), prediction.get("label")
+        folders = prediction.get("folder") or ["samples"] * len(prediction["name"])
         for i, (name, sample) in enumerate(zip(prediction["name"], prediction["sample"])):
-            stem = Path(name).stem
-            save_npy(self.output_dir / "samples" / f"{stem}.npy", sample.numpy().astype(np.float32))
+            stem, folder = Path(name).stem, self.output_dir / folders[i]
+            save_npy(folder / f"{stem}.npy", sample.numpy().astype(np.float32))
             view = to_uint8(sample)
-            save_png(self.output_dir / "samples" / f"{stem}.png", view)
+            save_png(folder / f"{stem}.png", view)
             mask_view = None
             if masks is not None:
                 mask = masks[i].numpy()
                 save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16))
                 mask_view = colorize_mask(mask)
-            if len(self._grid) < self.grid_size:
-                self._grid.append((mask_view, view))
+            row = int(labels[i]) if labels is not None else None
+            if sum(1 for r, _, _ in self._grid if r == row) < (self.grid_columns if row is not None else self.grid_size):
+                self._grid.append((row, mask_view, view))
             self._count += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -78,11 +81,15 @@ class SampleWriter(BasePredictionWriter):
             return
         if self._grid:
             rows = []
-            for start in range(0, len(self._grid), self.grid_columns):
-                chunk = self._grid[start : start + self.grid_columns]
-                if chunk[0][0] is not None:
-                    rows.append([m for m, _ in chunk])
-                rows.append([v for _, v in chunk])
+            if self._grid[0][0] is not None:  # class-conditional: one row per class
+                for label in sorted({r for r, _, _ in self._grid}):
+                    rows.append([v for r, _, v in self._grid if r == label])
+            else:
+                for start in range(0, len(self._grid), self.grid_columns):
+                    chunk = self._grid[start : start + self.grid_columns]
+                    if chunk[0][1] is not None:
+                        rows.append([m for _, m, _ in chunk])
+                    rows.append([v for _, _, v in chunk])
             save_png(self.output_dir / "grid.png", make_grid(rows))
         sampler = getattr(pl_module, "sampler", None)
         save_json(
@@ -91,6 +98,8 @@ class SampleWriter(BasePredictionWriter):
                 **self.metadata,
                 "sampler": sampler.describe() if sampler is not None else None,
                 "seed": getattr(pl_module, "sample_seed", None),
+                "guidance_scale": getattr(pl_module, "guidance_scale", None),
+                "class_names": getattr(pl_module, "class_names", None),
                 "num_samples_rank0": self._count,
                 "world_size": trainer.world_size,
                 "precision": str(trainer.precision),

@@ -1,6 +1,7 @@
 """Data: discovery, validation, datasets and datamodules."""
 
+from medsynth.data.classes import ClassImageDataModule
 from medsynth.data.datamodules import SegGuidedImageDataModule
-from medsynth.data.demo import MNI152SliceDataModule
+from medsynth.data.demo import MNI152PlaneDataModule, MNI152SliceDataModule
 
-__all__ = ["SegGuidedImageDataModule", "MNI152SliceDataModule"]
+__all__ = ["SegGuidedImageDataModule", "ClassImageDataModule", "MNI152SliceDataModule", "MNI152PlaneDataModule"]

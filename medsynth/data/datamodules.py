@@ -81,6 +81,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         self.predict_split = predict_split
         self.num_samples = num_samples
         self.datasets: dict[str, object] = {}
+        self.class_names: Optional[list[str]] = None  # no class labels: this data conditions on masks only
 
     @property
     def conditional(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from medsynth.data.classes import ClassImageDataModule, class_map_files
 from medsynth.data.datamodules import SegGuidedImageDataModule
 from medsynth.errors import DataError
 from medsynth.io import save_json, save_png
@@ -166,4 +167,50 @@ class MNI152SliceDataModule(SegGuidedImageDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare_data()  # prepare_data runs on one rank only; make sure the cache exists everywhere
+        super().setup(stage)
+
+
+class MNI152PlaneDataModule(ClassImageDataModule):
+    """Class demo: MNI152 T1 slices labelled by their anatomical plane (axial, coronal, sagittal).
+
+    The slices of each plane are built from nilearn's files into ``cache_dir`` on first use (as for
+    :class:`MNI152SliceDataModule`) and read as a class map whose folders hold ``train/``, ``val/``, ``test/``.
+
+    Args:
+        cache_dir: where built demo data is kept (default ``$MEDSYNTH_CACHE`` or ``~/.cache/medsynth``).
+        image_size: side of the square slices in pixels.
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        samples_per_class: images ``predict`` samples of each plane.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Optional[Path] = None,
+        image_size: int = 64,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        samples_per_class: int = 8,
+    ) -> None:
+        self.cache = Path(cache_dir or default_cache_dir())
+        super().__init__(
+            root=self.cache, image_size=image_size, channels=1, batch_size=batch_size, num_workers=num_workers,
+            random_flip=False, samples_per_class=samples_per_class,
+        )
+
+    def _classes(self) -> tuple[list[str], list[Path]]:
+        names = ["axial", "coronal", "sagittal"]
+        return names, [self.cache / f"mni152_{p}_{CACHE_VERSION}" / "images" for p in names]
+
+    def _class_files(self, label: int, split: str) -> list[Path]:
+        return class_map_files(self.folders[label], split)
+
+    def prepare_data(self) -> None:
+        for plane, folder in zip(self.class_names, self.folders):
+            if not (folder.parent / "dataset.json").is_file():
+                self.cache.mkdir(parents=True, exist_ok=True)
+                build_mni152_slices(folder.parent, plane)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()
         super().setup(stage)

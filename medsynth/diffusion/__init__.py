@@ -1,7 +1,8 @@
 """Diffusion maths: training objectives, the sampling loop, and conditioning encodings."""
 
 from medsynth.diffusion.conditioning import ablate_mask, encode_mask
-from medsynth.diffusion.objectives import DDPMObjective, Objective
-from medsynth.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler
+from medsynth.diffusion.objectives import DDPMObjective, Objective, RectifiedFlowObjective
+from medsynth.diffusion.samplers import DDIMSampler, DDPMSampler, EulerSampler, Sampler
 
-__all__ = ["Objective", "DDPMObjective", "Sampler", "DDIMSampler", "DDPMSampler", "encode_mask", "ablate_mask"]
+__all__ = ["Objective", "DDPMObjective", "RectifiedFlowObjective", "Sampler", "DDIMSampler", "DDPMSampler",
+           "EulerSampler", "encode_mask", "ablate_mask"]

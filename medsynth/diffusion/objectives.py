@@ -25,6 +25,8 @@ class Objective:
     """
 
     num_train_timesteps: int
+    family: str = "diffusion"
+    """Which samplers can invert it: ``diffusion`` (DDPM, DDIM) or ``flow`` (Euler)."""
 
     def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """Uniform training timesteps ``(B,)`` int64 in ``[0, num_train_timesteps)`` (on the CPU)."""
@@ -125,3 +127,40 @@ class DDPMObjective(Objective):
         if self.prediction_type == "v_prediction":
             return clipped / (snr + 1)
         return clipped
+
+
+class RectifiedFlowObjective(Objective):
+    """Rectified flow / flow matching (Liu et al., 2023; Lipman et al., 2023): straight paths from data to noise.
+
+    ``xt = (1 - s) x0 + s eps`` with ``s = t / T`` in [0, 1]; the net predicts the velocity ``eps - x0``, which
+    Euler steps integrate from ``s = 1`` to 0 (few steps suffice). The net receives ``t = s * T`` as a float.
+
+    Args:
+        num_train_timesteps: ``T``, the scale of the timestep fed to the net.
+        timestep_sampling: ``uniform`` s, or ``logit_normal`` (Esser et al., 2024), which favours mid-path s.
+    """
+
+    family = "flow"
+
+    def __init__(
+        self, num_train_timesteps: int = 1000, timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    ) -> None:
+        self.num_train_timesteps = num_train_timesteps
+        self.timestep_sampling = timestep_sampling
+
+    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        if self.timestep_sampling == "logit_normal":
+            s = torch.sigmoid(torch.randn(batch_size, generator=generator))
+        else:
+            s = torch.rand(batch_size, generator=generator)
+        return s * self.num_train_timesteps
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        s = _expand(t.float() / self.num_train_timesteps, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise - x0
+
+    def scheduler_config(self) -> dict:
+        return {"num_train_timesteps": self.num_train_timesteps}

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from medsynth.diffusion.objectives import Objective
+from medsynth.errors import MedsynthError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoise(xt, t) -> net output`` for ``xt`` ``(B, C, *spatial)`` and timesteps ``t`` ``(B,)``."""
@@ -38,6 +39,18 @@ class Sampler:
         self.num_inference_steps = num_inference_steps
         self.clip_sample = clip_sample
 
+    family: str = "diffusion"
+    """The objective family this sampler inverts (see :attr:`Objective.family`)."""
+
+    def check(self, objective: Objective) -> None:
+        """Refuse an objective this sampler cannot invert (before any training or sampling starts)."""
+        if objective.family != self.family:
+            hint = "EulerSampler" if objective.family == "flow" else "DDIMSampler or DDPMSampler"
+            raise MedsynthError(
+                f"model.sampler {type(self).__name__} cannot sample a {type(objective).__name__} model "
+                f"({objective.family} objective); use medsynth.diffusion.{hint}"
+            )
+
     def make_scheduler(self, objective: Objective):
         raise NotImplementedError
 
@@ -64,11 +77,12 @@ class Sampler:
             objective: the objective the net was trained with (schedule and prediction type).
             generators: one CPU generator per sample for stochastic steps (DDPM, DDIM with eta > 0).
         """
+        self.check(objective)
         scheduler = self.make_scheduler(objective)
         scheduler.set_timesteps(self.num_inference_steps, device=noise.device)
-        x = noise * scheduler.init_noise_sigma
+        x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             out = denoise(x_in, t.expand(x.shape[0])).float()
             x = scheduler.step(out, t, x, **self.step_kwargs(generators)).prev_sample
         return x
@@ -109,3 +123,25 @@ class DDIMSampler(Sampler):
 
     def step_kwargs(self, generators):
         return {"eta": self.eta, **super().step_kwargs(generators)}
+
+
+class EulerSampler(Sampler):
+    """Euler integration of a rectified-flow velocity from noise (s = 1) to data (s = 0); deterministic.
+
+    Args:
+        num_inference_steps: Euler steps (rectified flow works with few, e.g. 10).
+        shift: timestep shift of diffusers' ``FlowMatchEulerDiscreteScheduler``; values above 1 spend more steps
+            at high noise.
+    """
+
+    family = "flow"
+
+    def __init__(self, num_inference_steps: int = 10, shift: float = 1.0) -> None:
+        super().__init__(num_inference_steps, clip_sample=False)
+        self.shift = shift
+
+    def make_scheduler(self, objective: Objective) -> FlowMatchEulerDiscreteScheduler:
+        return FlowMatchEulerDiscreteScheduler(**objective.scheduler_config(), shift=self.shift)
+
+    def step_kwargs(self, generators):
+        return {}

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from medsynth.diffusion.conditioning import MaskEncoding, ablate_mask, encode_mask, mask_channels
 from medsynth.diffusion.objectives import DDPMObjective, Objective
 from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise
+from medsynth.errors import MedsynthError
 from medsynth.nets.unet2d import UNet2D
 
 NetFactory = Callable[[int, int], nn.Module]
@@ -36,6 +37,12 @@ def plain_callable(fn: Callable) -> Callable:
     ):
         return functools.partial(fn.args[1], *fn.args[2:], **fn.keywords)
     return fn
+
+
+def check_guidance(scale: float) -> None:
+    """Refuse a negative classifier-free guidance weight."""
+    if scale < 0:
+        raise MedsynthError(f"guidance_scale={scale} must be >= 0 (1 = no guidance)")
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -61,6 +68,14 @@ class DiffusionModule(L.LightningModule):
         mask_encoding: ``one_hot`` (K channels) or ``scalar`` (one channel holding k/255, the reference's).
         mask_ablation_prob: during training, remove each non-background class from each sample's mask with this
             probability, so sampling can condition on any subset of classes. 0 disables.
+        class_names: class labels' names, in label order, for class-conditional models (linked from the data;
+            ``None``: no class conditioning). Labels enter through the UNet's class embedding.
+        label_drop_prob: during training, replace each sample's conditioning (class label and/or mask) by a null
+            condition with this probability, which lets sampling use classifier-free guidance (Ho & Salimans,
+            2022). 0 disables.
+        guidance_scale: classifier-free guidance weight at sampling: 1 samples the plain conditional model, larger
+            values follow the condition more strongly; needs ``label_drop_prob > 0`` in training. Like the sampler,
+            it is taken from the command line at predict time.
         lr: peak learning rate.
         optimizer: optimiser class; its learning rate is ``lr``.
         lr_warmup_steps: linear warm-up steps before the cosine decay.
@@ -78,6 +93,9 @@ class DiffusionModule(L.LightningModule):
         image_size: int = 64,
         mask_encoding: MaskEncoding = "one_hot",
         mask_ablation_prob: float = 0.0,
+        class_names: Optional[list[str]] = None,
+        label_drop_prob: float = 0.0,
+        guidance_scale: float = 1.0,
         lr: float = 1e-4,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_warmup_steps: int = 500,
@@ -87,12 +105,18 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         if not 0.0 <= mask_ablation_prob <= 1.0:
             raise ValueError(f"model.mask_ablation_prob={mask_ablation_prob} must lie in [0, 1]")
+        if not 0.0 <= label_drop_prob < 1.0:
+            raise MedsynthError(f"model.label_drop_prob={label_drop_prob} must lie in [0, 1)")
+        check_guidance(guidance_scale)
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.image_channels = image_channels
         self.image_size = image_size
         self.mask_encoding = mask_encoding
         self.mask_ablation_prob = mask_ablation_prob
+        self.class_names = list(class_names) if class_names else None
+        self.label_drop_prob = label_drop_prob
+        self.guidance_scale = guidance_scale
         self.lr = lr
         self.optimizer = plain_callable(optimizer)
         self.lr_warmup_steps = lr_warmup_steps
@@ -100,38 +124,82 @@ class DiffusionModule(L.LightningModule):
         self.sample_seed = sample_seed
         self.objective = objective if objective is not None else DDPMObjective()
         self.sampler = sampler if sampler is not None else DDIMSampler()
+        self.sampler.check(self.objective)
         in_channels = image_channels + mask_channels(num_classes, mask_encoding)
-        self.net = (net or UNet2D)(in_channels, image_channels)
+        # one embedding per label plus the null label that classifier-free guidance drops to
+        extra = {"num_class_embeds": self.num_labels + 1} if self.class_conditional else {}
+        self.net = (net or UNet2D)(in_channels, image_channels, **extra)
 
     # ----------------------------------------------------------------- conditioning
     @property
     def conditional(self) -> bool:
+        """Whether the model is mask-guided."""
         return self.num_classes > 0
 
-    def condition(self, mask: Optional[Tensor], ablate: bool = False, generator=None) -> Optional[Tensor]:
-        """Encode a mask ``(B, *spatial)`` into net input channels, ablating classes when training."""
-        if not self.conditional:
-            return None
-        if mask is None:
-            raise ValueError("this model is mask-conditioned (num_classes > 0) but the batch has no 'mask'")
-        if ablate:
-            mask = ablate_mask(mask, self.num_classes, self.mask_ablation_prob, generator)
-        return encode_mask(mask, self.num_classes, self.mask_encoding)
+    @property
+    def class_conditional(self) -> bool:
+        return self.class_names is not None
 
-    def denoise(self, xt: Tensor, t: Tensor, cond: Optional[Tensor]) -> Tensor:
-        """The net's output for noised ``xt`` ``(B, C, *spatial)`` at ``t`` ``(B,)`` given encoded ``cond``."""
+    @property
+    def num_labels(self) -> int:
+        return len(self.class_names) if self.class_names else 0
+
+    def condition(
+        self, batch: dict, train: bool = False, generator: Optional[torch.Generator] = None
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The net's conditioning for a batch: encoded mask channels ``(B, K|1, *spatial)`` and labels ``(B,)``.
+
+        In training (``train``), masks are ablated and, with ``label_drop_prob``, whole conditions are replaced
+        by the null condition (one draw per sample, shared by mask and label).
+        """
+        cond = labels = None
+        if self.conditional:
+            mask = batch.get("mask")
+            if mask is None:
+                raise MedsynthError("this model is mask-guided (num_classes > 0) but the data gives no masks")
+            if train:
+                mask = ablate_mask(mask, self.num_classes, self.mask_ablation_prob, generator)
+            cond = encode_mask(mask, self.num_classes, self.mask_encoding)
+        if self.class_conditional:
+            labels = batch.get("label")
+            if labels is None:
+                raise MedsynthError("this model is class-conditional but the data gives no class labels")
+        if train and self.label_drop_prob > 0 and (cond is not None or labels is not None):
+            n = (cond if cond is not None else labels).shape[0]
+            drop = (torch.rand(n, generator=generator) < self.label_drop_prob).to(self.device)
+            null_cond, null_labels = self.null_condition(cond, labels)
+            if cond is not None:
+                cond = torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), null_cond, cond)
+            if labels is not None:
+                labels = torch.where(drop, null_labels, labels)
+        return cond, labels
+
+    def null_condition(
+        self, cond: Optional[Tensor], labels: Optional[Tensor]
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The null condition shaped like ``cond``/``labels``: all-zero one-hot channels (no class anywhere), -1 in
+        the scalar encoding (below every k/255), and the extra null label."""
+        null_cond = None
+        if cond is not None:
+            null_cond = torch.full_like(cond, 0.0 if self.mask_encoding == "one_hot" else -1.0)
+        null_labels = torch.full_like(labels, self.num_labels) if labels is not None else None
+        return null_cond, null_labels
+
+    def denoise(self, xt: Tensor, t: Tensor, cond: Optional[Tensor], labels: Optional[Tensor] = None) -> Tensor:
+        """The net's output for noised ``xt`` ``(B, C, *spatial)`` at ``t`` ``(B,)`` given mask channels ``cond``
+        and class ``labels``."""
         x = xt if cond is None else torch.cat([xt, cond.to(xt.dtype)], dim=1)
-        return self.net(x, t)
+        return self.net(x, t) if labels is None else self.net(x, t, class_labels=labels)
 
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, batch: dict, generator: Optional[torch.Generator] = None) -> Tensor:
         """The objective's weighted squared error on one batch; ``generator`` fixes noise and timesteps."""
         x0 = batch["image"]  # (B, C, *spatial) in [-1, 1]
-        cond = self.condition(batch.get("mask"), ablate=self.training, generator=generator)
+        cond, labels = self.condition(batch, train=self.training, generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0) if generator else torch.randn_like(x0)
         t = self.objective.sample_timesteps(x0.shape[0], generator).to(x0.device)
         xt = self.objective.add_noise(x0, noise, t)
-        pred = self.denoise(xt, t, cond)
+        pred = self.denoise(xt, t, cond, labels)
         target = self.objective.target(x0, noise, t)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return (per_sample * self.objective.loss_weight(t).to(per_sample)).mean()
@@ -171,40 +239,71 @@ class DiffusionModule(L.LightningModule):
     def sample(
         self,
         mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
         indices: Optional[Sequence[int]] = None,
         sampler: Optional[Sampler] = None,
         seed: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
     ) -> Tensor:
         """Generate images ``(B, C, *spatial)`` in [-1, 1].
 
         Args:
             mask: ``(B, *spatial)`` integer masks to condition on (mask-guided models).
-            indices: one index per sample seeding its noise (default ``0..B-1``); unconditional models need it
-                (or a mask) to know ``B``.
+            labels: ``(B,)`` class labels (class-conditional models).
+            indices: one index per sample seeding its noise (default ``0..B-1``).
             sampler: overrides the module's sampler.
             seed: overrides ``sample_seed``.
+            guidance_scale: overrides the module's classifier-free guidance weight.
         """
-        if mask is not None:
-            n, spatial = mask.shape[0], tuple(mask.shape[1:])
+        given = mask if mask is not None else labels
+        if given is not None:
+            n = given.shape[0]
         elif indices is not None:
-            n, spatial = len(indices), (self.image_size, self.image_size)
+            n = len(indices)
         else:
-            raise ValueError("sample() needs masks or sample indices")
+            raise ValueError("sample() needs masks, labels or sample indices")
+        spatial = tuple(mask.shape[1:]) if mask is not None else (self.image_size, self.image_size)
         indices = list(range(n)) if indices is None else [int(i) for i in indices]
         generators = sample_generators(self.sample_seed if seed is None else seed, indices)
-        cond = self.condition(mask.to(self.device) if mask is not None else None)
+        batch = {k: v.to(self.device) for k, v in (("mask", mask), ("label", labels)) if v is not None}
+        cond, labels = self.condition(batch)
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance(w)
+        if w != 1.0:
+            if cond is None and labels is None:
+                raise MedsynthError(f"guidance_scale={w} needs a mask- or class-conditional model")
+            if self.label_drop_prob == 0:
+                raise MedsynthError(
+                    f"guidance_scale={w} needs a model trained with model.label_drop_prob > 0 (it has no null condition)"
+                )
+            null_cond, null_labels = self.null_condition(cond, labels)
+
+            def denoise(xt: Tensor, t: Tensor) -> Tensor:
+                both = self.denoise(
+                    torch.cat([xt, xt]), torch.cat([t, t]),
+                    torch.cat([cond, null_cond]) if cond is not None else None,
+                    torch.cat([labels, null_labels]) if labels is not None else None,
+                )
+                conditional, unconditional = both.float().chunk(2)
+                return unconditional + w * (conditional - unconditional)
+        else:
+
+            def denoise(xt: Tensor, t: Tensor) -> Tensor:
+                return self.denoise(xt, t, cond, labels)
+
         noise = initial_noise((self.image_channels, *spatial), generators, self.device)
-        x = (sampler or self.sampler).sample(
-            lambda xt, t: self.denoise(xt, t, cond), noise, self.objective, generators
-        )
+        x = (sampler or self.sampler).sample(denoise, noise, self.objective, generators)
         return x.clamp(-1, 1)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         indices = batch["index"].tolist()
-        samples = self.sample(batch.get("mask"), indices=indices)
+        samples = self.sample(batch.get("mask"), batch.get("label"), indices=indices)
         out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}
-        if "mask" in batch:
-            out["mask"] = batch["mask"].cpu()
+        for key in ("mask", "label"):
+            if key in batch:
+                out[key] = batch[key].cpu()
+        if "folder" in batch:
+            out["folder"] = list(batch["folder"])
         return out
 
     # ----------------------------------------------------------------- export

@@ -9,8 +9,17 @@ from medsynth.cli import expand_flags, main
 from medsynth.data.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ROOT / "configs" / "seg2d.yaml"
-COMPOSED = [[BASE]] + [[BASE, p] for p in sorted((ROOT / "configs").glob("*/*.yaml"))]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def base_of(variant: Path) -> Path:
+    """A variant's first line names the recipe it composes after: ``# compose after: configs/X.yaml``."""
+    first = variant.read_text().splitlines()[0]
+    assert first.startswith("# compose after: "), f"{variant} does not say which recipe it composes after"
+    return ROOT / first.split(": ", 1)[1].strip()
+
+
+COMPOSED = [[r] for r in RECIPES] + [[base_of(p), p] for p in sorted((ROOT / "configs").glob("*/*.yaml"))]
 
 
 @pytest.mark.parametrize("configs", COMPOSED, ids=lambda cs: "+".join(p.name for p in cs))

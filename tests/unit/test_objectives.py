@@ -41,3 +41,19 @@ def test_min_snr_weights():
 def test_cosine_schedule_differs_from_linear():
     t = torch.tensor([500])
     assert not torch.allclose(DDPMObjective(beta_schedule="squaredcos_cap_v2").snr(t), DDPMObjective().snr(t))
+
+
+def test_rectified_flow_interpolates_and_targets_the_velocity():
+    from medsynth.diffusion.objectives import RectifiedFlowObjective
+
+    obj = RectifiedFlowObjective(num_train_timesteps=1000)
+    x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0.0, 250.0, 1000.0])
+    xt = obj.add_noise(x0, noise, t)
+    assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[2], noise[2])
+    assert torch.allclose(xt[1], 0.75 * x0[1] + 0.25 * noise[1])
+    assert torch.equal(obj.target(x0, noise, t), noise - x0)
+    ts = obj.sample_timesteps(1000, torch.Generator().manual_seed(0))
+    assert ts.dtype == torch.float32 and 0 <= ts.min() and ts.max() <= 1000 and 400 < ts.mean() < 600
+    ln = RectifiedFlowObjective(timestep_sampling="logit_normal").sample_timesteps(4000, torch.Generator().manual_seed(0))
+    assert ((ln > 250) & (ln < 750)).float().mean() > ((ts > 250) & (ts < 750)).float().mean()

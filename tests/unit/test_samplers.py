@@ -37,3 +37,28 @@ def test_invalid_settings_are_rejected():
         DDIMSampler(0)
     with pytest.raises(ValueError, match="eta"):
         DDIMSampler(10, eta=-1)
+
+
+def test_euler_with_exact_velocity_recovers_the_data_point_in_few_steps():
+    from medsynth.diffusion import EulerSampler, RectifiedFlowObjective
+
+    obj = RectifiedFlowObjective()
+    c = torch.full((1, 1, 4, 4), -0.4)
+
+    def velocity(xt, t):
+        s = (t / obj.num_train_timesteps).view(-1, 1, 1, 1)
+        return (xt - c) / s
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x = EulerSampler(4).sample(velocity, initial_noise((1, 4, 4), gens), obj, gens)
+    assert torch.allclose(x, c.expand(2, -1, -1, -1), atol=1e-4)
+
+
+def test_objective_and_sampler_must_match():
+    from medsynth.diffusion import EulerSampler, RectifiedFlowObjective
+    from medsynth.errors import MedsynthError
+
+    with pytest.raises(MedsynthError, match="DDIMSampler cannot sample a RectifiedFlowObjective.*EulerSampler"):
+        DDIMSampler().check(RectifiedFlowObjective())
+    with pytest.raises(MedsynthError, match="EulerSampler cannot sample a DDPMObjective"):
+        EulerSampler().check(DDPMObjective())

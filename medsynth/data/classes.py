@@ -1,0 +1,215 @@
+"""Class-labelled 2D images: JSON class maps and folder-per-class layouts.
+
+Two layouts, each giving class names in label order:
+
+* a JSON class map (the 3D MedDiffusion style), paths relative to the file::
+
+      {"0": "dir_of_class_0", "1": "dir_of_class_1"}      # integer keys 0..N-1; names are the folder names
+      {"axial": "slices/axial", "coronal": "slices/cor"}  # name keys; labels follow the file's order
+
+  Each folder holds images directly (then a deterministic 10 % of them, by file name, is the validation split)
+  or ``train/``, ``val/`` and ``test/`` subfolders.
+* folders per class: ``ROOT/{train,val}/<class_name>/*.png|.npy`` (class names sorted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medsynth.data.image2d import ImageRecord, list_image_files, read_image, resize_image, to_unit_range
+from medsynth.errors import DataError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _check_name(name: str, source: Path) -> str:
+    if not SAFE_NAME.match(name):
+        raise DataError(f"{source}: class name {name!r} cannot be a folder name (letters, digits, _ . + - only)")
+    return name
+
+
+def read_class_map(path: Path) -> tuple[list[str], list[Path]]:
+    """Class names (label order) and their folders from a JSON class map.
+
+    Raises:
+        DataError: unreadable map, labels that are not 0..N-1, a missing folder, an unsafe class name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: class map does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: class map is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, str) for v in raw.values()):
+        raise DataError(f"{path}: class map must be a non-empty object mapping label or name -> folder")
+    keys = list(raw)
+    if all(k.lstrip("-").isdigit() for k in keys):
+        labels = sorted(int(k) for k in keys)
+        for i, label in enumerate(labels):
+            if label != i:
+                raise DataError(f"{path}: label {label} is outside the class map; labels must be 0..{len(keys) - 1}")
+        folders = [path.parent / raw[str(i)] for i in labels]
+        names = [f.name for f in folders]
+    else:
+        folders = [path.parent / raw[k] for k in keys]
+        names = keys
+    for name, folder in zip(names, folders):
+        _check_name(name, path)
+        if not folder.is_dir():
+            raise DataError(f"{path}: class '{name}' names a missing folder {folder}")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: two classes share a name; name the classes with keys instead of labels")
+    return names, folders
+
+
+def _split_of(file: Path) -> str:
+    """A stable 90/10 train/val assignment from the file name alone."""
+    return "val" if int(hashlib.sha1(file.name.encode()).hexdigest(), 16) % 10 == 0 else "train"
+
+
+def class_map_files(folder: Path, split: str) -> list[Path]:
+    """A class-map folder's files of one split: its ``<split>/`` subfolder, else the hashed 90/10 split."""
+    if (folder / "train").is_dir():
+        return list_image_files(folder / split)
+    return [f for f in list_image_files(folder) if _split_of(f) == split] if split != "test" else []
+
+
+class LabelledImageDataset(Dataset):
+    """Images with class labels: items ``image`` ``(C, S, S)`` in [-1, 1], ``label``, ``name``, ``index``."""
+
+    def __init__(self, items, image_size: int, channels: int, random_flip: bool = False, intensity_range=None):
+        self.items = list(items)
+        self.image_size, self.channels = image_size, channels
+        self.random_flip, self.intensity_range = random_flip, intensity_range
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        rec, label = self.items[index]
+        x = resize_image(torch.from_numpy(to_unit_range(read_image(rec.image, self.channels), self.intensity_range)),
+                         self.image_size)
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"image": x, "label": label, "name": rec.name, "index": index}
+
+
+class ClassSampleDataset(Dataset):
+    """The inputs of class-conditional sampling: ``per_class`` items of each label, written to ``<class_name>/``."""
+
+    def __init__(self, class_names: list[str], per_class: int) -> None:
+        self.class_names, self.per_class = class_names, per_class
+
+    def __len__(self) -> int:
+        return len(self.class_names) * self.per_class
+
+    def __getitem__(self, index: int) -> dict:
+        label, i = divmod(index, self.per_class)
+        return {"label": label, "index": index, "name": f"sample_{i:05d}.png", "folder": self.class_names[label]}
+
+
+class ClassImageDataModule(L.LightningDataModule):
+    """2D images with class labels (modality, body region, pathology, ...), for class-conditional models.
+
+    Args:
+        manifest: JSON class map (see the module docstring).
+        root: folder-per-class root holding ``train/<class>/`` and ``val/<class>/``; used instead of ``manifest``.
+        image_size: side in pixels of the square images are resized to.
+        channels: image channels.
+        intensity_range: stored ``(low, high)`` mapped to [-1, 1] (default: by dtype, see ``to_unit_range``).
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        random_flip: flip training images left-right at random.
+        samples_per_class: images ``predict`` samples of each class.
+    """
+
+    def __init__(
+        self,
+        manifest: Optional[Path] = None,
+        root: Optional[Path] = None,
+        image_size: int = 64,
+        channels: int = 1,
+        intensity_range: Optional[tuple[float, float]] = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        random_flip: bool = False,
+        samples_per_class: int = 8,
+    ) -> None:
+        super().__init__()
+        if (manifest is None) == (root is None):
+            raise DataError("give exactly one of data.manifest (a JSON class map) and data.root (folders per class)")
+        self.save_hyperparameters()
+        self.manifest = Path(manifest) if manifest is not None else None
+        self.root = Path(root) if root is not None else None
+        self.image_size, self.channels, self.intensity_range = image_size, channels, intensity_range
+        self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
+        self.samples_per_class = samples_per_class
+        self.num_classes = 0  # no masks
+        self.class_names, self.folders = self._classes()
+        self.datasets: dict[str, Dataset] = {}
+
+    def _classes(self) -> tuple[list[str], list[Path]]:
+        if self.manifest is not None:
+            return read_class_map(self.manifest)
+        train = self.root / "train"
+        folders = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        if not folders:
+            raise DataError(f"{train}: no class folders (expected {train}/<class_name>/ with images)")
+        return [_check_name(f.name, self.root) for f in folders], folders
+
+    def _class_files(self, label: int, split: str) -> list[Path]:
+        if self.manifest is not None:
+            return class_map_files(self.folders[label], split)
+        return list_image_files(self.root / split / self.class_names[label])
+
+    def _items(self, split: str) -> list[tuple[ImageRecord, int]]:
+        """(record, label) pairs of one split, every file read once to fail fast with one line naming it."""
+        items = []
+        for label, name in enumerate(self.class_names):
+            files = self._class_files(label, split)
+            if not files and split == "train":
+                folder = self.folders[label] if self.manifest is not None else self.root / split / name
+                raise DataError(f"{folder}: empty class folder (class '{name}' has no .png or .npy images)")
+            items += [(ImageRecord(f"{name}/{f.name}", split, f), label) for f in files]
+        if not items:
+            raise DataError(f"{self.manifest or self.root / split}: empty split '{split}': no images in any class")
+        for rec, _ in items:
+            read_image(rec.image, self.channels)
+        return items
+
+    def _dataset(self, split: str, random_flip: bool = False) -> LabelledImageDataset:
+        return LabelledImageDataset(self._items(split), self.image_size, self.channels, random_flip,
+                                    self.intensity_range)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._dataset("train", self.random_flip)
+            self.datasets["val"] = self._dataset("val")
+        elif stage == "validate":
+            self.datasets["val"] = self._dataset("val")
+        elif stage == "predict":
+            self.datasets["predict"] = ClassSampleDataset(self.class_names, self.samples_per_class)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        ds = self.datasets[split]
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=shuffle and len(ds) > self.batch_size,
+                          persistent_workers=self.num_workers > 0 and split != "predict")
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
