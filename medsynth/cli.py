@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from medsynth.callbacks.writers import SampleWriter, check_output_dir
 from medsynth.errors import MedsynthError
+from medsynth.io import save_json
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 DATA_TO_MODEL = (("num_classes", "num_classes"), ("channels", "image_channels"), ("image_size", "image_size"),
@@ -107,6 +108,43 @@ class MedsynthTrainer(Trainer):
         return path
 
 
+    def lr_find(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        min_lr: float = 1e-7,
+        max_lr: float = 1e-1,
+        num_training: int = 100,
+    ) -> Optional[float]:
+        """Learning-rate range test (Smith, 2017): train briefly with a rising learning rate and suggest one.
+
+        Writes ``<default_root_dir>/lr_find.json`` (learning rates, losses, suggestion) and prints the suggestion;
+        use it as ``--model.lr``. Nothing else is saved.
+
+        Args:
+            model: the model (its ``lr`` is what gets suggested).
+            datamodule: the training data.
+            min_lr: lowest learning rate tried.
+            max_lr: highest learning rate tried.
+            num_training: optimiser steps of the test.
+        """
+        from lightning.pytorch.tuner import Tuner
+
+        finder = Tuner(self).lr_find(model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
+                                     num_training=num_training, update_attr=False)
+        if finder is None:
+            return None
+        suggestion = finder.suggestion()
+        if self.is_global_zero:
+            out = Path(self.default_root_dir) / "lr_find.json"
+            save_json(out, {"suggestion": suggestion, "lr": finder.results["lr"], "loss": finder.results["loss"]})
+            if suggestion is None:
+                print(f"no suggestion: the loss curve is too short or flat (raise --num_training); curve in {out}")
+            else:
+                print(f"suggested learning rate: {suggestion} (curve in {out}); use --model.lr {suggestion:.2e}")
+        return suggestion
+
+
 class RunConfigCallback(SaveConfigCallback):
     """Saves the resolved config in the run folder; a resumed run gets ``config.1.yaml`` and so on, never overwrites.
 
@@ -178,7 +216,7 @@ class MedsynthCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data describes itself to the model once instantiated (a class map's labels are only known after
@@ -224,6 +262,8 @@ class MedsynthCLI(LightningCLI):
         trainer = cfg["trainer"]
         root = Path(trainer.get("default_root_dir") or os.getcwd())
         trainer["default_root_dir"] = str(root)
+        if sub in ("predict", "export", "lr_find"):  # nothing worth logging; do not open a W&B run for it
+            trainer["logger"] = False
         loggers = trainer.get("logger")
         for lg in loggers if isinstance(loggers, list) else [loggers]:
             if not hasattr(lg, "get") or lg.get("class_path") != WANDB_LOGGER:

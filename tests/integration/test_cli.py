@@ -190,3 +190,25 @@ def test_predict_with_only_the_recipe_reads_data_settings_from_the_checkpoint(tr
     assert run("predict", *BASE, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
     assert len(list((out / "samples").glob("*.npy"))) == 4
     assert np.array(Image.open(out / "masks" / "case_test_000.png")).max() <= 2
+
+
+def test_lr_find_suggests_a_learning_rate(seg_dataset, tmp_path, capsys):
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "lrf"
+    assert run("lr_find", *BASE, *data_args(img_dir, seg_dir), "--trainer.default_root_dir", run_dir,
+               "--num_training", 30, "--min_lr", 1e-6, "--max_lr", 1e-2) == 0
+    result = json.loads((run_dir / "lr_find.json").read_text())
+    assert len(result["lr"]) == len(result["loss"]) > 0
+    assert 1e-6 <= result["suggestion"] <= 1e-2
+    assert "suggested learning rate" in capsys.readouterr().out
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_compiled_net_trains_and_keeps_checkpoint_keys(seg_dataset, tmp_path):
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "compiled"
+    assert run("fit", *BASE, *data_args(img_dir, seg_dir), "--model.compile", "true",
+               "--trainer.default_root_dir", run_dir) == 0
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+    assert "net.unet.conv_in.weight" in state
