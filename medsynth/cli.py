@@ -30,9 +30,8 @@ from medsynth.errors import MedsynthError
 from medsynth.io import save_json
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
-DATA_TO_MODEL = (("num_classes", "num_classes"), ("channels", "image_channels"), ("image_size", "image_size"),
-                 ("class_names", "class_names"))
-"""(DataModule attribute, model argument) pairs linked when both are instantiated."""
+DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output")
+"""Model arguments a DataModule supplies through its ``model_args()`` (linked once both are instantiated)."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
 MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size")
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
@@ -179,12 +178,16 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def _data_attr(name: str):
+def _model_arg(name: str):
     def get(data):
-        return getattr(data, name, None)
+        args = data.model_args() if hasattr(data, "model_args") else {}
+        return args.get(name, MODEL_ARG_DEFAULTS[name])
 
     get.__name__ = f"data_{name}"
     return get
+
+
+MODEL_ARG_DEFAULTS = {"num_classes": 0, "image_channels": 1, "image_size": 64, "class_names": None, "output": "image"}
 
 
 def _is_subclass(class_path: Optional[str], base: type) -> bool:
@@ -221,8 +224,8 @@ class MedsynthCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data describes itself to the model once instantiated (a class map's labels are only known after
         # reading it). Every DataModule exposes these attributes; a model without the argument is not linked.
-        for attr, dst in DATA_TO_MODEL:
-            parser.link_arguments("data", f"model.init_args.{dst}", compute_fn=_data_attr(attr), apply_on="instantiate")
+        for name in DATA_TO_MODEL:
+            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=_model_arg(name), apply_on="instantiate")
 
     def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
         """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
@@ -255,6 +258,30 @@ class MedsynthCLI(LightningCLI):
         super()._parse_ckpt_path()
         for k, v in keep.items():
             self.config[sub]["model"]["init_args"][k] = v
+
+    def _check_checkpoint_matches_data(self) -> None:
+        """Refuse data that describes another model than the checkpoint holds (one line instead of a state-dict
+        size mismatch)."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        current = getattr(self.model, "hparams", {})
+        for name in DATA_TO_MODEL:
+            if name in saved and name in current and saved[name] != current[name]:
+                raise MedsynthError(
+                    f"{ckpt_path}: the model was trained with {name}={saved[name]!r} but the data gives "
+                    f"{current[name]!r}"
+                )
+
+    def before_predict(self) -> None:
+        self._check_checkpoint_matches_data()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_matches_data()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_matches_data()
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")

@@ -31,9 +31,10 @@ class SampleWriter(BasePredictionWriter):
 
     Layout under ``output_dir``::
 
-        samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000)
+        samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000);
+                                             # all channels in the NPY (multi-channel images, soft masks)
         CLASS/sample_00000.png, .npy         # class-conditional models: a folder per class name
-        masks/NAME.png                       # the conditioning mask, as integer labels (mask-guided models)
+        masks/NAME.png                       # the conditioning (or generated) mask, as integer labels
         grid.png                             # masks (coloured) above their samples, or a row per class
         metadata.json                        # checkpoint, sampler, steps, seed, count, versions
 
@@ -60,10 +61,18 @@ class SampleWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
         masks, labels = prediction.get("mask"), prediction.get("label")
+        generated = prediction.get("generated_mask")
         folders = prediction.get("folder") or ["samples"] * len(prediction["name"])
         for i, (name, sample) in enumerate(zip(prediction["name"], prediction["sample"])):
             stem, folder = Path(name).stem, self.output_dir / folders[i]
             save_npy(folder / f"{stem}.npy", sample.numpy().astype(np.float32))
+            if generated is not None:  # a mask generator: the label map is the result
+                mask = generated[i].numpy()
+                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8))
+                if len(self._grid) < self.grid_size:
+                    self._grid.append((None, None, colorize_mask(mask)))
+                self._count += 1
+                continue
             view = to_uint8(sample)
             save_png(folder / f"{stem}.png", view)
             mask_view = None

@@ -153,9 +153,13 @@ class ClassImageDataModule(L.LightningDataModule):
         self.image_size, self.channels, self.intensity_range = image_size, channels, intensity_range
         self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
         self.samples_per_class = samples_per_class
-        self.num_classes = 0  # no masks
         self.class_names, self.folders = self._classes()
         self.datasets: dict[str, Dataset] = {}
+
+    def model_args(self) -> dict:
+        """What the model must know about this data (linked into the model's arguments by the CLI)."""
+        return {"num_classes": 0, "image_channels": self.channels, "image_size": self.image_size,
+                "class_names": self.class_names, "output": "image"}
 
     def _classes(self) -> tuple[list[str], list[Path]]:
         if self.manifest is not None:

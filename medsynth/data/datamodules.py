@@ -81,7 +81,11 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         self.predict_split = predict_split
         self.num_samples = num_samples
         self.datasets: dict[str, object] = {}
-        self.class_names: Optional[list[str]] = None  # no class labels: this data conditions on masks only
+
+    def model_args(self) -> dict:
+        """What the model must know about this data (linked into the model's arguments by the CLI)."""
+        return {"num_classes": self.num_classes, "image_channels": self.channels, "image_size": self.image_size,
+                "class_names": None, "output": "image"}
 
     @property
     def conditional(self) -> bool:

@@ -81,6 +81,8 @@ class DiffusionModule(L.LightningModule):
         lr_warmup_steps: linear warm-up steps before the cosine decay.
         lr_schedule: ``cosine`` decays to 0 over the run's optimiser steps after warm-up; ``constant`` holds ``lr``.
         sample_seed: seed of sampling noise; a sample depends only on it and its index.
+        output: what the generated channels are: ``image``, or ``mask`` for a mask generator (one-hot channels in
+            [-1, 1], decoded by argmax at predict; linked from the data).
         compile: compile the net with ``torch.compile`` (inside ``configure_model``, so state-dict keys and
             checkpoints are unchanged); pays off on GPUs for long runs.
     """
@@ -103,6 +105,7 @@ class DiffusionModule(L.LightningModule):
         lr_warmup_steps: int = 500,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         sample_seed: int = 0,
+        output: Literal["image", "mask"] = "image",
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -126,6 +129,7 @@ class DiffusionModule(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.sample_seed = sample_seed
         self.compile_net = compile
+        self.output = output
         self.objective = objective if objective is not None else DDPMObjective()
         self.sampler = sampler if sampler is not None else DDIMSampler()
         self.sampler.check(self.objective)
@@ -309,6 +313,8 @@ class DiffusionModule(L.LightningModule):
         indices = batch["index"].tolist()
         samples = self.sample(batch.get("mask"), batch.get("label"), indices=indices)
         out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}
+        if self.output == "mask":  # a mask generator: its channels are one-hot classes
+            out["generated_mask"] = samples.argmax(1).cpu()
         for key in ("mask", "label"):
             if key in batch:
                 out[key] = batch[key].cpu()

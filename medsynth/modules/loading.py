@@ -1,0 +1,37 @@
+"""Rebuilding a trained LightningModule from a medsynth checkpoint alone (for chaining stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from jsonargparse import ArgumentParser
+
+from medsynth.errors import MedsynthError
+
+
+def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
+    """Instantiate the module a ``medsynth fit`` checkpoint was trained as, with its (EMA) weights, in eval mode.
+
+    The checkpoint's hyperparameters hold the resolved model config (class paths and arguments), so no config
+    file is needed.
+
+    Raises:
+        MedsynthError: a missing file, or a checkpoint not written by ``medsynth fit``.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise MedsynthError(f"{path}: checkpoint does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    if class_path is None:
+        raise MedsynthError(f"{path}: checkpoint has no model config (not written by `medsynth fit`)")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model")
+    cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": hparams}})
+    module = parser.instantiate_classes(cfg).model
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
