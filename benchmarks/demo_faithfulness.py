@@ -35,6 +35,18 @@ def mean_dice(imgs, masks, lo, hi) -> float:
     return float(np.mean([np.mean([dice(segment(i, lo, hi), m, k) for k in (1, 2)]) for i, m in zip(imgs, masks)]))
 
 
+def split_arrays(ds):
+    """Images, masks and names of a dataset as numpy arrays (first channel)."""
+    items = [ds[i] for i in range(len(ds))]
+    return [it["image"][0].numpy() for it in items], [it["mask"].numpy() for it in items], [it["name"] for it in items]
+
+
+def fit_thresholds(images, masks) -> tuple[float, float]:
+    """The two intensity thresholds that best segment real images into background / GM / WM (mean Dice)."""
+    grid = np.linspace(-1, 1, 81)
+    return max(((a, b) for a in grid for b in grid if b > a), key=lambda ab: mean_dice(images[::3], masks[::3], *ab))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("predictions", type=Path, help="a `medsynth predict` output folder of the demo")
@@ -45,16 +57,9 @@ def main() -> None:
     dm = MNI152SliceDataModule(image_size=args.image_size, num_workers=0, random_flip=False)
     dm.setup("fit")
     dm.setup("test")
+    lo, hi = fit_thresholds(*split_arrays(dm.datasets["train"])[:2])
 
-    def arrays(ds):
-        items = [ds[i] for i in range(len(ds))]
-        return [it["image"][0].numpy() for it in items], [it["mask"].numpy() for it in items], [it["name"] for it in items]
-
-    tr_img, tr_mask, _ = arrays(dm.datasets["train"])
-    grid = np.linspace(-1, 1, 81)
-    lo, hi = max(((a, b) for a in grid for b in grid if b > a), key=lambda ab: mean_dice(tr_img[::3], tr_mask[::3], *ab))
-
-    te_img, te_mask, te_names = arrays(dm.datasets["test"])
+    te_img, te_mask, te_names = split_arrays(dm.datasets["test"])
     samples, cond = [], []
     for name, mask in zip(te_names, te_mask):
         stem = Path(name).stem

@@ -212,3 +212,15 @@ def test_compiled_net_trains_and_keeps_checkpoint_keys(seg_dataset, tmp_path):
                "--trainer.default_root_dir", run_dir) == 0
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
     assert "net.unet.conv_in.weight" in state
+
+
+def test_multichannel_npy_images_keep_every_channel(tmp_path):
+    from tests.conftest import make_seg_dataset
+
+    img_dir, seg_dir = make_seg_dataset(tmp_path / "mc", channels=2, fmt="npy")
+    run_dir, out = tmp_path / "mc_run", tmp_path / "mc_out"
+    args = [*BASE, *data_args(img_dir, seg_dir), "--data.channels", 2]
+    assert run("fit", *args, "--trainer.default_root_dir", run_dir, "--trainer.max_steps", 2) == 0
+    assert run("predict", *BASE, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
+    arr = np.load(out / "samples" / "case_test_000.npy")
+    assert arr.shape == (2, 16, 16)
