@@ -15,7 +15,6 @@ Two layouts, each giving class names in label order:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medsynth.data.image2d import ImageRecord, list_image_files, read_image, resize_image, to_unit_range
+from medsynth.data.manifest import load_json
 from medsynth.errors import DataError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -43,12 +43,7 @@ def read_class_map(path: Path) -> tuple[list[str], list[Path]]:
         DataError: unreadable map, labels that are not 0..N-1, a missing folder, an unsafe class name.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: class map does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: class map is not valid JSON ({exc})") from None
+    raw = load_json(path, "class map")
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, str) for v in raw.values()):
         raise DataError(f"{path}: class map must be a non-empty object mapping label or name -> folder")
     keys = list(raw)

@@ -17,6 +17,17 @@ from medsynth.data.image2d import SPLITS, ImageRecord
 from medsynth.errors import DataError
 
 
+def load_json(path: str | Path, what: str):
+    """Parse a JSON file the user gave, or fail with one line naming it (``what``: 'manifest', 'class map')."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: {what} is not valid JSON ({exc})".replace("\n", " ")) from None
+
+
 def read_manifest(path: str | Path) -> list[ImageRecord]:
     """Read and check a manifest; every record gets absolute paths.
 
@@ -24,12 +35,7 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         DataError: missing or malformed manifest, a record without ``image``/``mask``, an unknown split.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: manifest is not valid JSON ({exc})") from None
+    raw = load_json(path, "manifest")
     if isinstance(raw, dict):
         entries = []
         for split, items in raw.items():
