@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -276,6 +277,8 @@ class MedsynthCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_checkpoint_matches_data()
+        # the resolved config travels into metadata.json, beside the samples it produced
+        self.trainer.run_config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
 
     def before_validate(self) -> None:
         self._check_checkpoint_matches_data()

@@ -6,10 +6,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 
 def _umask() -> int:
@@ -40,11 +41,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Save a uint8 array of shape (H, W), (H, W, 1) or (H, W, 3) as PNG, atomically."""
+def save_png(path: str | os.PathLike, array: np.ndarray, text: Optional[dict[str, str]] = None) -> Path:
+    """Save a uint8/uint16 array of shape (H, W), (H, W, 1) or (H, W, 3) as PNG, atomically, with ``text`` chunks."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    info = None
+    if text:
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

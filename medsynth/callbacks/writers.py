@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 import medsynth
 from medsynth.errors import MedsynthError
 from medsynth.io import save_json, save_npy, save_png
+from medsynth.provenance import file_sha256, png_text, sidecar
 from medsynth.visual import colorize_mask, make_grid, to_uint8
 
 
@@ -33,10 +34,12 @@ class SampleWriter(BasePredictionWriter):
 
         samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000);
                                              # all channels in the NPY (multi-channel images, soft masks)
+        samples/NAME.json                    # provenance sidecar of the NPY (PNGs carry it in text chunks)
         CLASS/sample_00000.png, .npy         # class-conditional models: a folder per class name
         masks/NAME.png                       # the conditioning (or generated) mask, as integer labels
         grid.png                             # masks (coloured) above their samples, or a row per class
-        metadata.json                        # checkpoint, sampler, steps, seed, count, versions
+        metadata.json                        # synthetic: true, checkpoint + SHA-256, resolved config, sampler,
+                                             # seed, versions, date
 
     Every file is written atomically.
 
@@ -58,6 +61,13 @@ class SampleWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._grid, self._count = [], 0
+        ckpt = self.metadata.get("checkpoint")
+        self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
+        self._seed = getattr(pl_module, "sample_seed", None)
+
+    def _save_sample_array(self, path: Path, sample, index: int) -> None:
+        save_npy(path, sample.numpy().astype(np.float32))
+        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index))
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
         masks, labels = prediction.get("mask"), prediction.get("label")
@@ -65,16 +75,18 @@ class SampleWriter(BasePredictionWriter):
         folders = prediction.get("folder") or ["samples"] * len(prediction["name"])
         for i, (name, sample) in enumerate(zip(prediction["name"], prediction["sample"])):
             stem, folder = Path(name).stem, self.output_dir / folders[i]
-            save_npy(folder / f"{stem}.npy", sample.numpy().astype(np.float32))
+            index = int(prediction["index"][i])
+            mark = png_text(self._sha, self._seed, index)
+            self._save_sample_array(folder / f"{stem}.npy", sample, index)
             if generated is not None:  # a mask generator: the label map is the result
                 mask = generated[i].numpy()
-                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8))
+                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8), text=mark)
                 if len(self._grid) < self.grid_size:
                     self._grid.append((None, None, colorize_mask(mask)))
                 self._count += 1
                 continue
             view = to_uint8(sample)
-            save_png(folder / f"{stem}.png", view)
+            save_png(folder / f"{stem}.png", view, text=mark)
             mask_view = None
             if masks is not None:
                 mask = masks[i].numpy()
@@ -104,7 +116,9 @@ class SampleWriter(BasePredictionWriter):
         save_json(
             self.output_dir / "metadata.json",
             {
+                "synthetic": True,
                 **self.metadata,
+                "checkpoint_sha256": self._sha,
                 "sampler": sampler.describe() if sampler is not None else None,
                 "seed": getattr(pl_module, "sample_seed", None),
                 "guidance_scale": getattr(pl_module, "guidance_scale", None),
@@ -115,5 +129,6 @@ class SampleWriter(BasePredictionWriter):
                 "model": type(pl_module).__name__,
                 "medsynth_version": medsynth.__version__,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "config": getattr(trainer, "run_config", None),
             },
         )

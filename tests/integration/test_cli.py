@@ -224,3 +224,26 @@ def test_multichannel_npy_images_keep_every_channel(tmp_path):
     assert run("predict", *BASE, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
     arr = np.load(out / "samples" / "case_test_000.npy")
     assert arr.shape == (2, 16, 16)
+
+
+def test_samples_are_marked_synthetic(trained, tmp_path, seg_dataset):
+    from medsynth.provenance import file_sha256, provenance
+    from medsynth.provenance import main as provenance_main
+
+    run_dir, dargs = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "prov"
+    assert run("predict", *BASE, *dargs, "--ckpt_path", ckpt, "--output_dir", out, "--seed", 7) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["synthetic"] is True and meta["checkpoint_sha256"] == file_sha256(ckpt)
+    assert meta["config"]["model"]["class_path"] == "medsynth.modules.DiffusionModule" and meta["config"]["seed"] == 7
+    png, npy = out / "samples" / "case_test_001.png", out / "samples" / "case_test_001.npy"
+    assert Image.open(png).text["medsynth:synthetic"] == "true"
+    assert "SYNTHETIC" in Image.open(png).text["Description"]
+    info = provenance(npy)
+    assert info["synthetic"] is True and info["seed"] == 7 and info["checkpoint_sha256"] == meta["checkpoint_sha256"]
+    assert provenance(png)["index"] == info["index"]
+    real = seg_dataset[0] / "train" / "case_train_000.png"
+    assert provenance(real) is None
+    assert provenance_main([str(png), str(npy)]) == 0
+    assert provenance_main([str(png), str(real)]) == 1

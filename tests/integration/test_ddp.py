@@ -1,16 +1,21 @@
 """DDP on CPU (gloo, 2 processes): Lightning relaunches sys.argv, so this runs `medsynth` in a subprocess."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from tests.conftest import make_seg_dataset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_ddp_fit_then_predict_on_two_processes(seg_dataset, tmp_path):
-    img_dir, seg_dir = seg_dataset
+def test_ddp_fit_then_predict_on_two_processes(tmp_path):
+    # 5 test masks over 2 ranks: an uneven split must give each sample exactly once
+    img_dir, seg_dir = make_seg_dataset(tmp_path / "data", counts={"train": 8, "val": 4, "test": 5})
     base = [sys.executable, "-m", "medsynth"]
     cfg = ["--config", str(CONFIGS / "seg2d.yaml"), "--config", str(CONFIGS / "tests" / "tiny.yaml"),
            "--data.img_dir", str(img_dir), "--data.seg_dir", str(seg_dir), "--data.num_classes", "3",
@@ -20,11 +25,18 @@ def test_ddp_fit_then_predict_on_two_processes(seg_dataset, tmp_path):
                          text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 4  # optimiser steps, as in one process; each step saw 2 x 4 images
+    # 8 training images at an effective batch of 8: one step per epoch, so step 4 ends the 4th epoch (index 3);
+    # one process at batch 4 would be in its 2nd (index 1)
+    assert ckpt["epoch"] == 3
     out = tmp_path / "samples"
     pred = subprocess.run(base + ["predict", *cfg, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
                                   "--output_dir", str(out)], capture_output=True, text=True, timeout=600)
     assert pred.returncode == 0, pred.stderr[-3000:]
     # every test mask gets exactly one sample, whichever rank drew it
     names = sorted(p.name for p in (seg_dir / "all" / "test").iterdir())
-    assert sorted(p.name for p in (out / "samples").glob("*.png")) == names
+    assert len(names) == 5 and sorted(p.name for p in (out / "samples").glob("*.png")) == names
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["world_size"] == 2
     assert all(np.isfinite(np.load(p)).all() for p in (out / "samples").glob("*.npy"))
