@@ -13,8 +13,10 @@ This is the only module that knows about the command line. Conventions it enforc
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Optional
 
 import torch
 import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -98,8 +101,7 @@ class MedsynthTrainer(Trainer):
         """
         if ckpt_path is None or output_dir is None:
             raise MedsynthError("export needs --ckpt_path CKPT and --output_dir DIR")
-        if not Path(ckpt_path).is_file():
-            raise MedsynthError(f"{ckpt_path}: checkpoint does not exist")
+        check_checkpoint(ckpt_path)
         check_output_dir(output_dir, overwrite)
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
         model.load_state_dict(state)
@@ -179,6 +181,19 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse a missing, unreadable or foreign checkpoint with one line, before anything is built from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsynthError(f"{path}: checkpoint does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same problem for the user
+        raise MedsynthError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "_class_path" not in ckpt.get("hyper_parameters", {}):
+        raise MedsynthError(f"{path}: not a checkpoint written by `medsynth fit` (no model config or weights)")
+
+
 def _model_arg(name: str):
     def get(data):
         args = data.model_args() if hasattr(data, "model_args") else {}
@@ -213,6 +228,7 @@ class MedsynthCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=RunConfigCallback,
+            parser_kwargs={"exit_on_error": False},  # configuration errors become one line (see main)
             args=args,
             run=run,
             auto_configure_optimizers=False,
@@ -252,8 +268,8 @@ class MedsynthCLI(LightningCLI):
             if init is not None:
                 keep = {k: init.get(k) for k in ("sampler", "sample_seed", "guidance_scale")}
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
-            raise MedsynthError(f"{ckpt_path}: checkpoint does not exist")
+        if ckpt_path and ckpt_path not in ("last", "best"):
+            check_checkpoint(ckpt_path)
         if sub in ("predict", "validate", "test", "export") and ckpt_path and Path(ckpt_path).is_file():
             self._apply_checkpoint_data(sub, ckpt_path)
         super()._parse_ckpt_path()
@@ -331,25 +347,45 @@ def expand_flags(args: list[str]) -> list[str]:
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``medsynth`` command; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    """Entry point of the ``medsynth`` command; ``args`` replaces ``sys.argv[1:]`` (tests).
+
+    A problem with the user's input (data, configuration, checkpoint, output folder) is printed as one line,
+    ``medsynth: error: ...``, with exit status 2; ``--debug`` shows the traceback instead.
+    """
     os.environ.setdefault("WANDB_SILENT", "true")
+    from_command_line = args is None
     args = expand_flags(list(sys.argv[1:] if args is None else args))
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    if from_command_line:  # LightningCLI (and DDP's relaunch) read sys.argv
+        sys.argv[1:] = args
     try:
-        MedsynthCLI(args=args)
+        MedsynthCLI(args=None if from_command_line else args)
     except Exception as exc:
         user_error = _find_user_error(exc)
-        if user_error is None:
+        if user_error is None or debug:
             raise
         print(f"medsynth: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _find_user_error(exc: BaseException) -> Optional[MedsynthError]:
-    """The :class:`MedsynthError` behind ``exc``, if any (jsonargparse wraps errors raised while instantiating)."""
+def _one_line(message: str) -> str:
+    """A jsonargparse error on one line, without its union-type boilerplate."""
+    text = " ".join(message.split())
+    text = re.sub(r" ?Does not validate against any of the Union subtypes Subtypes: \[.*?\] Errors: -", "", text)
+    text = re.sub(r" - Expected a <class 'NoneType'>.*$", "", text)
+    return re.sub(r" Given value type: .*$", "", text)
+
+
+def _find_user_error(exc: BaseException) -> Optional[str]:
+    """The one-line message of the user error behind ``exc``: a :class:`MedsynthError` (jsonargparse wraps those
+    raised while instantiating) or a configuration error from the parser; ``None`` for anything else (a bug)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedsynthError):
-            return exc
+            return str(exc)
+        if isinstance(exc, (ArgumentError, argparse.ArgumentError)):
+            return "configuration: " + _one_line(str(exc))
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None

@@ -137,6 +137,8 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         raise DataError(f"{path}: image has shape {tuple(arr.shape)}; expected (H, W), (H, W, C) or (C, H, W)")
     if arr.shape[0] != channels:
         raise DataError(f"{path}: image has {arr.shape[0]} channels, expected {channels} (data.channels)")
+    if 0 in arr.shape[1:]:
+        raise DataError(f"{path}: image is empty (size {arr.shape[2]}x{arr.shape[1]})")
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{path}: image has unsupported dtype {arr.dtype}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -156,6 +158,8 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise DataError(f"{path}: mask has shape {tuple(arr.shape)}; expected a single-channel (H, W) label map")
+    if arr.size == 0:
+        raise DataError(f"{path}: mask is empty (size {arr.shape[1]}x{arr.shape[0]})")
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
             raise DataError(f"{path}: mask holds non-integer values; expected class indices 0..{num_classes - 1}")

@@ -6,11 +6,14 @@ Two forms are accepted; relative paths resolve against the manifest's folder::
     {"train": [{"image": "img/a.png", "mask": "seg/a.png"}, ...], "val": [...], "test": [...]}
 
 ``mask`` is optional (unconditional data); a test record may have a ``mask`` and no ``image`` (sampling only).
+Relative paths must stay inside the manifest's folder (``../`` out of it is refused); absolute paths are taken as
+they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from medsynth.data.image2d import SPLITS, ImageRecord
@@ -46,7 +49,17 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         entries = raw
     else:
         raise DataError(f"{path}: manifest must be a list of records or a mapping split -> records")
-    root = path.parent
+    root = Path(os.path.abspath(path.parent))
+
+    def resolve(rel: str, i: int) -> Path:
+        p = Path(rel)
+        if p.is_absolute():
+            return p
+        full = Path(os.path.normpath(root / p))  # lexical: a symlink the user placed inside is fine
+        if not full.is_relative_to(root):
+            raise DataError(f"{path}: record {i} path '{rel}' leaves the manifest's folder; use an absolute path")
+        return full
+
     records = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
@@ -54,8 +67,8 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         split = entry.get("split", "train")
         if split not in SPLITS:
             raise DataError(f"{path}: record {i} has split '{split}'; expected one of {', '.join(SPLITS)}")
-        image = root / entry["image"] if entry.get("image") else None
-        mask = root / entry["mask"] if entry.get("mask") else None
+        image = resolve(entry["image"], i) if entry.get("image") else None
+        mask = resolve(entry["mask"], i) if entry.get("mask") else None
         if image is None and mask is None:
             raise DataError(f"{path}: record {i} names neither 'image' nor 'mask'")
         name = (image or mask).name
