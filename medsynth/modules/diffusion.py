@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -327,4 +329,10 @@ class DiffusionModule(L.LightningModule):
         """Write the net in diffusers format under ``folder/unet`` (for the reference pipeline's users)."""
         if not hasattr(self.net, "save_pretrained"):
             raise ValueError(f"{type(self.net).__name__} cannot be exported in diffusers format")
-        return self.net.save_pretrained(Path(folder) / "unet", sample_size=self.image_size)
+        final, tmp = Path(folder) / "unet", Path(folder) / ".unet.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.net.save_pretrained(tmp, sample_size=self.image_size)  # complete, then moved into place
+        if final.exists():  # the caller checked that overwriting was asked for
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
