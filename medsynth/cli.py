@@ -31,13 +31,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from medsynth.callbacks.writers import SampleWriter, check_output_dir
 from medsynth.errors import MedsynthError
-from medsynth.io import save_json
+from medsynth.io import atomic_write, save_json
+from medsynth.modules.loading import check_checkpoint
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output")
 """Model arguments a DataModule supplies through its ``model_args()`` (linked once both are instantiated)."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
-MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size")
+MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensity_range")
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
 DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
 """Where the data lives: taken from the checkpoint only when not given on the command line."""
@@ -160,7 +161,8 @@ class RunConfigCallback(SaveConfigCallback):
         if folder is not None:
             if trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
-                self.parser.save(self.config, str(folder / "config.yaml"), skip_none=False, overwrite=True)
+                text = self.parser.dump(self.config, skip_none=False)
+                atomic_write(folder / "config.yaml", lambda tmp: Path(tmp).write_text(text))
             self.already_saved = True
             return
         if stage == "predict":  # sampling without an output folder: nothing to keep
@@ -179,19 +181,6 @@ def _wandb_key_available() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def check_checkpoint(path: str | Path) -> None:
-    """Refuse a missing, unreadable or foreign checkpoint with one line, before anything is built from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedsynthError(f"{path}: checkpoint does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is the same problem for the user
-        raise MedsynthError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "_class_path" not in ckpt.get("hyper_parameters", {}):
-        raise MedsynthError(f"{path}: not a checkpoint written by `medsynth fit` (no model config or weights)")
 
 
 def _model_arg(name: str):

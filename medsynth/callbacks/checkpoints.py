@@ -24,7 +24,9 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` that also refreshes ``last.ckpt`` when training ends between two saves.
 
     Lightning writes ``last.ckpt`` at the end of training only if it was never written before; a run stopped by
-    ``max_steps`` in the middle of an epoch would then resume from the previous epoch. All other behaviour
+    ``max_steps`` in the middle of an epoch would then resume from the previous epoch. The final step is saved
+    before EMA swaps its average into the live model, so a resumed run continues from the raw weights. All other
+    behaviour
     (best-by-metric, every N steps, ``dirpath`` defaulting to ``<default_root_dir>/checkpoints``) is unchanged.
     It also makes every checkpoint write of the run atomic (:class:`AtomicCheckpointIO`).
     """
@@ -34,7 +36,30 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
 
+    def _save_final(self, trainer) -> None:
+        """Write last.ckpt for the final step while the live weights are still the raw ones."""
+        if self.save_last and getattr(self, "_final_step", None) != trainer.global_step:
+            previous = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._final_step = trainer.global_step
+            # a validation at this same step may still save the best checkpoint (and refresh last.ckpt)
+            self._last_global_step_saved = previous
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Save the final step now, before EMA's on_train_end copies the averaged weights into the live model, so
+        # last.ckpt keeps the raw weights (and the average) that a later resume continues from.
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_final(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
+            self._save_final(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_final_step", None) == trainer.global_step:
+            return  # already saved with the raw weights
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return

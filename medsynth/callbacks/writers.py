@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import diffusers
+import lightning
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import medsynth
@@ -90,7 +93,9 @@ class SampleWriter(BasePredictionWriter):
             mask_view = None
             if masks is not None:
                 mask = masks[i].numpy()
-                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16))
+                synthetic_mask = bool(prediction["synthetic_mask"][i]) if "synthetic_mask" in prediction else False
+                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16),
+                         text=mark if synthetic_mask else None)  # a user's own mask is not synthetic
                 mask_view = colorize_mask(mask)
             row = int(labels[i]) if labels is not None else None
             if sum(1 for r, _, _ in self._grid if r == row) < (self.grid_columns if row is not None else self.grid_size):
@@ -98,6 +103,7 @@ class SampleWriter(BasePredictionWriter):
             self._count += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        total = int(trainer.strategy.reduce(torch.tensor(float(self._count)), reduce_op="sum"))  # every rank calls
         if not trainer.is_global_zero:
             return
         if self._grid:
@@ -111,7 +117,7 @@ class SampleWriter(BasePredictionWriter):
                     if chunk[0][1] is not None:
                         rows.append([m for _, m, _ in chunk])
                     rows.append([v for _, _, v in chunk])
-            save_png(self.output_dir / "grid.png", make_grid(rows))
+            save_png(self.output_dir / "grid.png", make_grid(rows), text=png_text(self._sha, self._seed, -1))
         sampler = getattr(pl_module, "sampler", None)
         save_json(
             self.output_dir / "metadata.json",
@@ -123,11 +129,13 @@ class SampleWriter(BasePredictionWriter):
                 "seed": getattr(pl_module, "sample_seed", None),
                 "guidance_scale": getattr(pl_module, "guidance_scale", None),
                 "class_names": getattr(pl_module, "class_names", None),
-                "num_samples_rank0": self._count,
+                "num_samples": total,
+                "grid_from": "rank 0's samples" if trainer.world_size > 1 else "all samples",
                 "world_size": trainer.world_size,
                 "precision": str(trainer.precision),
                 "model": type(pl_module).__name__,
-                "medsynth_version": medsynth.__version__,
+                "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__,
+                             "lightning": lightning.__version__, "diffusers": diffusers.__version__},
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "config": getattr(trainer, "run_config", None),
             },

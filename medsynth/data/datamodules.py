@@ -136,10 +136,12 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         elif stage == "predict":
             if self.conditional:
                 ds = self._dataset(self.predict_split, need_images=False)
-                names = [r.name for r in ds.records]
-                dupes = sorted({n for n in names if names.count(n) > 1})
+                stems = [Path(r.name).stem for r in ds.records]  # outputs are named by stem
+                dupes = sorted({n for n in stems if stems.count(n) > 1})
                 if dupes:
-                    raise DataError(f"split '{self.predict_split}': several masks are named {dupes[0]}; names must be unique")
+                    raise DataError(
+                        f"split '{self.predict_split}': several masks are named {dupes[0]}.*; names must be unique"
+                    )
                 self.datasets["predict"] = ds
             else:
                 self.datasets["predict"] = IndexDataset(self.num_samples)

@@ -113,7 +113,7 @@ def _load_array(path: Path, what: str) -> np.ndarray:
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 return np.asarray(im).astype(np.uint16)
             return np.asarray(im)
-    except (OSError, ValueError, UnidentifiedImageError) as exc:
+    except (OSError, ValueError, EOFError, UnidentifiedImageError) as exc:
         raise DataError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
 
 

@@ -51,7 +51,9 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         raise DataError(f"{path}: manifest must be a list of records or a mapping split -> records")
     root = Path(os.path.abspath(path.parent))
 
-    def resolve(rel: str, i: int) -> Path:
+    def resolve(rel, i: int) -> Path:
+        if not isinstance(rel, str):
+            raise DataError(f"{path}: record {i} path {rel!r} is not a string")
         p = Path(rel)
         if p.is_absolute():
             return p

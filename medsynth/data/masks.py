@@ -121,4 +121,4 @@ class GeneratedMaskDataModule(L.LightningDataModule):
 
 class _GeneratedMasks(TensorDataset):
     def __getitem__(self, index: int) -> dict:
-        return {"mask": self.tensors[0][index], "index": index, "name": f"pair_{index:05d}.png"}
+        return {"mask": self.tensors[0][index], "index": index, "name": f"pair_{index:05d}.png", "synthetic_mask": True}

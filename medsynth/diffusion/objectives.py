@@ -8,6 +8,8 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
+from medsynth.errors import MedsynthError
+
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 
@@ -77,7 +79,7 @@ class DDPMObjective(Objective):
         min_snr_gamma: Optional[float] = None,
     ) -> None:
         if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"objective.min_snr_gamma={min_snr_gamma} must be positive")
+            raise MedsynthError(f"objective.min_snr_gamma={min_snr_gamma} must be positive")
         self.prediction_type = prediction_type
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule

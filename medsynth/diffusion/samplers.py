@@ -35,7 +35,7 @@ class Sampler:
 
     def __init__(self, num_inference_steps: int = 50, clip_sample: bool = True) -> None:
         if num_inference_steps < 1:
-            raise ValueError(f"sampler.num_inference_steps={num_inference_steps} must be >= 1")
+            raise MedsynthError(f"sampler.num_inference_steps={num_inference_steps} must be >= 1")
         self.num_inference_steps = num_inference_steps
         self.clip_sample = clip_sample
 
@@ -115,7 +115,7 @@ class DDIMSampler(Sampler):
     def __init__(self, num_inference_steps: int = 50, eta: float = 0.0, clip_sample: bool = True) -> None:
         super().__init__(num_inference_steps, clip_sample)
         if eta < 0:
-            raise ValueError(f"sampler.eta={eta} must be >= 0")
+            raise MedsynthError(f"sampler.eta={eta} must be >= 0")
         self.eta = eta
 
     def make_scheduler(self, objective: Objective) -> DDIMScheduler:

@@ -112,7 +112,7 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ablation_prob <= 1.0:
-            raise ValueError(f"model.mask_ablation_prob={mask_ablation_prob} must lie in [0, 1]")
+            raise MedsynthError(f"model.mask_ablation_prob={mask_ablation_prob} must lie in [0, 1]")
         if not 0.0 <= label_drop_prob < 1.0:
             raise MedsynthError(f"model.label_drop_prob={label_drop_prob} must lie in [0, 1)")
         check_guidance(guidance_scale)
@@ -208,6 +208,12 @@ class DiffusionModule(L.LightningModule):
             self._compiled = True
 
     # ----------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        # seed_everything gives every DDP rank the same seed, so every rank would draw the same noise, timesteps
+        # and condition drops: offset the global generator by the rank (data order has its own sampler seed).
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def diffusion_loss(self, batch: dict, generator: Optional[torch.Generator] = None) -> Tensor:
         """The objective's weighted squared error on one batch; ``generator`` fixes noise and timesteps."""
         x0 = batch["image"]  # (B, C, *spatial) in [-1, 1]
@@ -317,7 +323,7 @@ class DiffusionModule(L.LightningModule):
         out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}
         if self.output == "mask":  # a mask generator: its channels are one-hot classes
             out["generated_mask"] = samples.argmax(1).cpu()
-        for key in ("mask", "label"):
+        for key in ("mask", "label", "synthetic_mask"):
             if key in batch:
                 out[key] = batch[key].cpu()
         if "folder" in batch:
@@ -328,7 +334,7 @@ class DiffusionModule(L.LightningModule):
     def export_diffusers(self, folder: str | Path) -> Path:
         """Write the net in diffusers format under ``folder/unet`` (for the reference pipeline's users)."""
         if not hasattr(self.net, "save_pretrained"):
-            raise ValueError(f"{type(self.net).__name__} cannot be exported in diffusers format")
+            raise MedsynthError(f"{type(self.net).__name__} cannot be exported in diffusers format")
         final, tmp = Path(folder) / "unet", Path(folder) / ".unet.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         self.net.save_pretrained(tmp, sample_size=self.image_size)  # complete, then moved into place

@@ -11,6 +11,19 @@ from jsonargparse import ArgumentParser
 from medsynth.errors import MedsynthError
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse a missing, unreadable or foreign checkpoint with one line, before anything is built from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsynthError(f"{path}: checkpoint does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same problem for the user
+        raise MedsynthError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "_class_path" not in ckpt.get("hyper_parameters", {}):
+        raise MedsynthError(f"{path}: not a checkpoint written by `medsynth fit` (no model config or weights)")
+
+
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
     """Instantiate the module a ``medsynth fit`` checkpoint was trained as, with its (EMA) weights, in eval mode.
 
@@ -21,9 +34,8 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
         MedsynthError: a missing file, or a checkpoint not written by ``medsynth fit``.
     """
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise MedsynthError(f"{path}: checkpoint does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    check_checkpoint(path)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     class_path = hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)

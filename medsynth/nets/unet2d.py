@@ -8,6 +8,8 @@ from typing import Optional
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
+from medsynth.errors import MedsynthError
+
 
 class UNet2D(nn.Module):
     """A 2D UNet for diffusion (diffusers ``UNet2DModel``; Ho et al., 2020), returning a tensor.
@@ -42,13 +44,13 @@ class UNet2D(nn.Module):
     ) -> None:
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
-            raise ValueError(
+            raise MedsynthError(
                 f"net.attention_levels has {len(attention_levels)} entries but net.block_out_channels has "
                 f"{len(block_out_channels)}"
             )
         bad = [c for c in block_out_channels if c % norm_num_groups]
         if bad:
-            raise ValueError(f"net.norm_num_groups={norm_num_groups} does not divide block channels {bad}")
+            raise MedsynthError(f"net.norm_num_groups={norm_num_groups} does not divide block channels {bad}")
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
         self.unet = UNet2DModel(

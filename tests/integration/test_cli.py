@@ -245,5 +245,20 @@ def test_samples_are_marked_synthetic(trained, tmp_path, seg_dataset):
     assert provenance(png)["index"] == info["index"]
     real = seg_dataset[0] / "train" / "case_train_000.png"
     assert provenance(real) is None
+    assert provenance(out / "masks" / "case_test_001.png") is None  # the user's own conditioning mask is not synthetic
+    assert provenance(out / "grid.png")["synthetic"] is True
+    assert "torch" in meta["versions"] and meta["num_samples"] == 4
     assert provenance_main([str(png), str(npy)]) == 0
     assert provenance_main([str(png), str(real)]) == 1
+
+
+def test_final_checkpoint_keeps_raw_and_averaged_weights(seg_dataset, tmp_path):
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "ema"  # 3 steps: training ends mid-epoch, after EMA has averaged 3 updates
+    assert run("fit", *BASE, *data_args(img_dir, seg_dir), "--trainer.max_steps", 3,
+               "--trainer.default_root_dir", run_dir) == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 3
+    key = "net.unet.conv_in.weight"
+    averaged, raw = ckpt["state_dict"][key], ckpt["current_model_state"][key]
+    assert not torch.equal(averaged, raw)  # the raw weights a resume continues from are not the EMA copy

@@ -38,5 +38,5 @@ def test_ddp_fit_then_predict_on_two_processes(tmp_path):
     names = sorted(p.name for p in (seg_dir / "all" / "test").iterdir())
     assert len(names) == 5 and sorted(p.name for p in (out / "samples").glob("*.png")) == names
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["world_size"] == 2
+    assert meta["world_size"] == 2 and meta["num_samples"] == 5
     assert all(np.isfinite(np.load(p)).all() for p in (out / "samples").glob("*.npy"))

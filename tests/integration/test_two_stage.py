@@ -37,6 +37,9 @@ def test_mask_generator_then_image_mask_pairs(seg_dataset, tmp_path, capsys):
     assert sorted(p.name for p in (pairs / "samples").glob("*.png")) == names
     assert sorted(p.name for p in (pairs / "masks").glob("*.png")) == names
     assert np.load(pairs / "samples" / "pair_00000.npy").shape == (1, 16, 16)
+    from medsynth.provenance import provenance
+
+    assert provenance(pairs / "masks" / "pair_00000.png")["synthetic"] is True  # generated masks are marked
     assert json.loads((pairs / "metadata.json").read_text())["checkpoint"].endswith("image_run/checkpoints/last.ckpt")
 
     # a mask generator whose classes do not match the image model is refused with one line
