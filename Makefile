@@ -11,6 +11,7 @@ RUN    ?= runs/seg2d
 CKPT   ?= $(RUN)/checkpoints/last.ckpt
 OUT    ?= $(RUN)/samples-$(shell date +%Y%m%d-%H%M%S)
 ARGS   ?=
+RUNS   ?= runs
 
 DEMO_CONFIG := --config configs/seg2d.yaml --config configs/experiments/demo.yaml
 DEMO_RUN    := runs/demo
@@ -62,8 +63,8 @@ sample: install ## sample: make sample CONFIG=... RUN=runs/x [CKPT=...] [OUT=...
 export: install ## export the net in diffusers format: make export CONFIG=... RUN=runs/x OUT=dir
 	$(BIN)/medsynth export --config $(CONFIG) --ckpt_path $(CKPT) --output_dir $(OUT) $(ARGS)
 
-status: install ## runs under runs/: step, epoch, best validation loss, latest preview
-	$(PY) -m medsynth.status runs
+status: install ## runs under RUNS=runs: step, epoch, best validation loss, latest preview
+	$(PY) -m medsynth.status $(RUNS)
 
 lint: install ## ruff
 	$(BIN)/ruff check medsynth tests benchmarks
