@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -248,6 +249,19 @@ class MedsynthCLI(LightningCLI):
             if k in saved and k in init and init.get(k) is None:
                 init[k] = saved[k]
 
+    def _apply_checkpoint_model(self, sub: str, ckpt_path: str) -> None:
+        """The model config saved in the checkpoint replaces the command line's (as LightningCLI does), keeping
+        only arguments the model class takes: data links record facts a model may not use (e.g. image_size)."""
+        hparams = dict(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path")
+        module, _, name = class_path.rpartition(".")
+        params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+        init_args = {k: v for k, v in hparams.items() if k in params}
+        self.config = self.parser.parse_object(
+            {sub: {"model": {"class_path": class_path, "init_args": init_args}}}, self.config
+        )
+
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
         keep = {}
@@ -261,7 +275,8 @@ class MedsynthCLI(LightningCLI):
             check_checkpoint(ckpt_path)
         if sub in ("predict", "validate", "test", "export") and ckpt_path and Path(ckpt_path).is_file():
             self._apply_checkpoint_data(sub, ckpt_path)
-        super()._parse_ckpt_path()
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._apply_checkpoint_model(sub, ckpt_path)
         for k, v in keep.items():
             self.config[sub]["model"]["init_args"][k] = v
 

@@ -1,5 +1,6 @@
 """LightningModules: one per kind of stage."""
 
 from medsynth.modules.diffusion import DiffusionModule
+from medsynth.modules.segmenter import SegmenterModule
 
-__all__ = ["DiffusionModule"]
+__all__ = ["DiffusionModule", "SegmenterModule"]

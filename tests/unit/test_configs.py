@@ -29,7 +29,7 @@ def test_shipped_config_parses(configs, capsys):
         main(args)
     assert e.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["model"]["class_path"] == "medsynth.modules.DiffusionModule"
+    assert resolved["model"]["class_path"].startswith("medsynth.modules.")
     assert resolved["trainer"]["default_root_dir"]
 
 
