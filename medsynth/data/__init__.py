@@ -4,6 +4,7 @@ from medsynth.data.classes import ClassImageDataModule
 from medsynth.data.datamodules import SegGuidedImageDataModule
 from medsynth.data.demo import MNI152PlaneDataModule, MNI152SliceDataModule
 from medsynth.data.masks import GeneratedMaskDataModule, MaskDataModule
+from medsynth.data.samples import SampleDirDataModule
 
 __all__ = ["SegGuidedImageDataModule", "ClassImageDataModule", "MaskDataModule", "GeneratedMaskDataModule",
-           "MNI152SliceDataModule", "MNI152PlaneDataModule"]
+           "SampleDirDataModule", "MNI152SliceDataModule", "MNI152PlaneDataModule"]
