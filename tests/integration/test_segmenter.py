@@ -9,13 +9,18 @@ from tests.integration.test_cli import data_args, run
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_segmenter_learns_the_masks_and_reports_dice(seg_dataset, tmp_path, capsys):
-    img_dir, seg_dir = seg_dataset
-    run_dir = tmp_path / "seg"
-    base = ["--config", CONFIGS / "segmenter2d.yaml", *data_args(img_dir, seg_dir), "--data.image_size", 24,
+def seg_args(img_dir, seg_dir) -> list:
+    """A tiny segmenter on the generated 24x24 data, quiet."""
+    return ["--config", CONFIGS / "segmenter2d.yaml", *data_args(img_dir, seg_dir), "--data.image_size", 24,
             "--data.batch_size", 4, "--data.num_workers", 0, "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--model.net.init_args.channels", "[8, 16]",
             "--model.net.init_args.strides", "[2]"]
+
+
+def test_segmenter_learns_the_masks_and_reports_dice(seg_dataset, tmp_path, capsys):
+    img_dir, seg_dir = seg_dataset
+    run_dir = tmp_path / "seg"
+    base = seg_args(img_dir, seg_dir)
     assert run("fit", *base, "--trainer.max_steps", 150, "--model.lr", 3e-3, "--trainer.default_root_dir", run_dir) == 0
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert ckpt["hyper_parameters"]["num_classes"] == 3 and ckpt["global_step"] == 150
@@ -40,10 +45,7 @@ def test_scoring_a_sample_folder_gives_mask_faithfulness(seg_dataset, tmp_path, 
 
     img_dir, seg_dir = seg_dataset
     seg_run = tmp_path / "seg"
-    base = ["--config", CONFIGS / "segmenter2d.yaml", *data_args(img_dir, seg_dir), "--data.image_size", 24,
-            "--data.batch_size", 4, "--data.num_workers", 0, "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--model.net.init_args.channels", "[8, 16]",
-            "--model.net.init_args.strides", "[2]"]
+    base = seg_args(img_dir, seg_dir)
     assert run("fit", *base, "--trainer.max_steps", 150, "--model.lr", 3e-3, "--trainer.default_root_dir", seg_run) == 0
     seg_ckpt = seg_run / "checkpoints" / "last.ckpt"
 
