@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import os
 import re
 import sys
@@ -33,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from medsynth.callbacks.writers import SampleWriter, check_output_dir
 from medsynth.errors import MedsynthError
 from medsynth.io import atomic_write, save_json
-from medsynth.modules.loading import check_checkpoint
+from medsynth.modules.loading import check_checkpoint, checkpoint_model_config
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output")
@@ -252,12 +251,7 @@ class MedsynthCLI(LightningCLI):
     def _apply_checkpoint_model(self, sub: str, ckpt_path: str) -> None:
         """The model config saved in the checkpoint replaces the command line's (as LightningCLI does), keeping
         only arguments the model class takes: data links record facts a model may not use (e.g. image_size)."""
-        hparams = dict(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path")
-        module, _, name = class_path.rpartition(".")
-        params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
-        init_args = {k: v for k, v in hparams.items() if k in params}
+        class_path, init_args = checkpoint_model_config(ckpt_path)
         self.config = self.parser.parse_object(
             {sub: {"model": {"class_path": class_path, "init_args": init_args}}}, self.config
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +26,20 @@ def check_checkpoint(path: str | Path) -> None:
         raise MedsynthError(f"{path}: not a checkpoint written by `medsynth fit` (no model config or weights)")
 
 
+def checkpoint_model_config(ckpt_path: str | Path) -> tuple[str, dict]:
+    """The model's ``class_path`` and ``init_args`` saved in a ``medsynth fit`` checkpoint.
+
+    Only arguments the class takes are kept: the CLI's data links record facts (e.g. ``image_size``) in every
+    checkpoint, whether or not the model uses them.
+    """
+    hparams = dict(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
+    hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path")
+    module, _, name = class_path.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    return class_path, {k: v for k, v in hparams.items() if k in params}
+
+
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
     """Instantiate the module a ``medsynth fit`` checkpoint was trained as, with its (EMA) weights, in eval mode.
 
@@ -35,15 +51,10 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     """
     path = Path(ckpt_path)
     check_checkpoint(path)
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    class_path = hparams.pop("_class_path", None)
-    hparams.pop("_instantiator", None)
-    if class_path is None:
-        raise MedsynthError(f"{path}: checkpoint has no model config (not written by `medsynth fit`)")
+    class_path, init_args = checkpoint_model_config(path)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningModule, "model")
-    cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": hparams}})
+    cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}})
     module = parser.instantiate_classes(cfg).model
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(torch.load(path, map_location=map_location, weights_only=True)["state_dict"])
     return module.eval()
