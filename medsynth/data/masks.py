@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medsynth.data.datamodules import SegGuidedImageDataModule
+from medsynth.data.image2d import IndexDataset
 from medsynth.errors import MedsynthError
+from medsynth.modules.loading import load_module
 
 
 class _MasksAsImages(Dataset):
@@ -47,8 +49,6 @@ class MaskDataModule(SegGuidedImageDataModule):
         if self.num_classes < 2:
             raise MedsynthError(f"data.num_classes={self.num_classes}: a mask generator needs >= 2 classes")
         if stage == "predict":
-            from medsynth.data.image2d import IndexDataset
-
             self.datasets["predict"] = IndexDataset(self.num_samples)
             return
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
@@ -82,8 +82,6 @@ class GeneratedMaskDataModule(L.LightningDataModule):
         device: str = "auto",
     ) -> None:
         super().__init__()
-        from medsynth.modules.loading import load_module
-
         if mask_checkpoint is None:
             raise MedsynthError("data.mask_checkpoint is not set: give the mask generator's checkpoint")
         self.save_hyperparameters()

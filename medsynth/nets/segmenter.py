@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monai.networks.nets import UNet
 from torch import Tensor, nn
 
 
@@ -29,8 +30,6 @@ class SegUNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        from monai.networks.nets import UNet
-
         self.unet = UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                          channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units, dropout=dropout)
 
