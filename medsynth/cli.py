@@ -38,7 +38,8 @@ WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output")
 """Model arguments a DataModule supplies through its ``model_args()`` (linked once both are instantiated)."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
-MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensity_range")
+MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensity_range", "patch_size",
+                              "normalization", "percentiles", "ct_window")
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
 DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
 """Where the data lives: taken from the checkpoint only when not given on the command line."""
@@ -79,7 +80,8 @@ class MedsynthTrainer(Trainer):
                 model.sample_seed = seed
             self.predict_output_dir = Path(output_dir)
             meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
-            self.callbacks.append(SampleWriter(output_dir, metadata=meta))
+            writer = getattr(model, "prediction_writer", None)
+            self.callbacks.append(writer(output_dir, meta) if writer else SampleWriter(output_dir, metadata=meta))
             return_predictions = bool(return_predictions)
         return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
@@ -263,7 +265,7 @@ class MedsynthCLI(LightningCLI):
             model = self.config[sub].get("model")
             init = model.get("init_args") if model is not None else None
             if init is not None:
-                keep = {k: init.get(k) for k in ("sampler", "sample_seed", "guidance_scale")}
+                keep = {k: init.get(k) for k in ("sampler", "sample_seed", "guidance_scale") if k in init}
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path not in ("last", "best"):
             check_checkpoint(ckpt_path)

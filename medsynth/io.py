@@ -72,3 +72,31 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
             f.write("\n")
 
     return atomic_write(path, write)
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, descrip: Optional[str] = None) -> Path:
+    """Save a 3D array (or 4D, channels last) as NIfTI-1 with ``affine``, atomically; ``.nii.gz`` is compressed.
+
+    Args:
+        path: destination ending in ``.nii`` or ``.nii.gz``.
+        array: voxel values in the file's voxel order, ``(X, Y, Z)`` or ``(X, Y, Z, C)``.
+        affine: 4x4 voxel-to-world matrix (mm).
+        descrip: the header's description field (at most 80 bytes; longer text is cut).
+    """
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
+    if descrip is not None:
+        image.header["descrip"] = descrip.encode()[:79]
+    data = image.to_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)

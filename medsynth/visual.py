@@ -45,3 +45,26 @@ def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             out[y : y + h, x : x + w] = a
     return out
+
+
+def pad_to(a: np.ndarray, size: int) -> np.ndarray:
+    """Centre a picture ``(H, W[, 3])`` on a black ``size`` x ``size`` canvas (cropping what does not fit)."""
+    h, w = a.shape[:2]
+    out = np.zeros((size, size, *a.shape[2:]), dtype=a.dtype)
+    ys, xs = max((size - h) // 2, 0), max((size - w) // 2, 0)
+    ya, xa = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    hh, ww = min(h, size), min(w, size)
+    out[ys : ys + hh, xs : xs + ww] = a[ya : ya + hh, xa : xa + ww]
+    return out
+
+
+def orthogonal_slices(volume: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+    """The three orthogonal mid-slices of a volume ``(C, X, Y, Z)`` in [-1, 1] as uint8 pictures of one square
+    size (first channel; each slice rotated so the second in-plane axis points up, as viewers show it)."""
+    v = np.asarray(volume.detach().float().cpu() if isinstance(volume, torch.Tensor) else volume, dtype=np.float32)
+    v = v[0] if v.ndim == 4 else v
+    x, y, z = (s // 2 for s in v.shape)
+    slices = [v[x, :, :], v[:, y, :], v[:, :, z]]  # sagittal, coronal, axial
+    views = [np.rot90(to_uint8(s[None])) for s in slices]
+    size = max(max(s.shape[:2]) for s in views)
+    return [pad_to(np.ascontiguousarray(s), size) for s in views]

@@ -1,7 +1,10 @@
 """Callbacks: everything optional around training and prediction."""
 
 from medsynth.callbacks.checkpoints import RunCheckpoint
+from medsynth.callbacks.progressive import ProgressiveResolution
+from medsynth.callbacks.reconstructions import ReconstructionLogger
 from medsynth.callbacks.samples import SampleGridLogger
-from medsynth.callbacks.writers import SampleWriter
+from medsynth.callbacks.writers import ReconstructionWriter, SampleWriter
 
-__all__ = ["RunCheckpoint", "SampleGridLogger", "SampleWriter"]
+__all__ = ["RunCheckpoint", "SampleGridLogger", "SampleWriter", "ReconstructionLogger", "ReconstructionWriter",
+           "ProgressiveResolution"]

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 import medsynth
 from medsynth.errors import MedsynthError
-from medsynth.io import save_json, save_npy, save_png
-from medsynth.provenance import file_sha256, png_text, sidecar
+from medsynth.io import save_json, save_nifti, save_npy, save_png
+from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
 from medsynth.visual import colorize_mask, make_grid, to_uint8
 
 
@@ -28,6 +28,22 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise MedsynthError(f"{path}: output_dir is not empty; choose another folder or pass --overwrite true")
     return path
+
+
+def run_metadata(trainer, pl_module, entries: dict) -> dict:
+    """The ``metadata.json`` of an output folder: ``synthetic: true``, ``entries``, and how it was made (world
+    size, precision, model class, versions, date, the resolved config)."""
+    return {
+        "synthetic": True,
+        **entries,
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+        "model": type(pl_module).__name__,
+        "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__,
+                     "lightning": lightning.__version__, "diffusers": diffusers.__version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": getattr(trainer, "run_config", None),
+    }
 
 
 class SampleWriter(BasePredictionWriter):
@@ -121,8 +137,7 @@ class SampleWriter(BasePredictionWriter):
         sampler = getattr(pl_module, "sampler", None)
         save_json(
             self.output_dir / "metadata.json",
-            {
-                "synthetic": True,
+            run_metadata(trainer, pl_module, {
                 **self.metadata,
                 "checkpoint_sha256": self._sha,
                 "sampler": sampler.describe() if sampler is not None else None,
@@ -131,12 +146,71 @@ class SampleWriter(BasePredictionWriter):
                 "class_names": getattr(pl_module, "class_names", None),
                 "num_samples": total,
                 "grid_from": "rank 0's samples" if trainer.world_size > 1 else "all samples",
-                "world_size": trainer.world_size,
-                "precision": str(trainer.precision),
-                "model": type(pl_module).__name__,
-                "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__,
-                             "lightning": lightning.__version__, "diffusers": diffusers.__version__},
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "config": getattr(trainer, "run_config", None),
-            },
+            }),
         )
+
+
+class ReconstructionWriter(BasePredictionWriter):
+    """Writes autoencoder reconstructions, one file per input, named after it.
+
+    Layout under ``output_dir``::
+
+        NAME.nii.gz, NAME.json    # 3D: the input's shape and affine, intensities mapped back to the input's units
+                                  # (the data's normalisation inverted); header descrip marks it synthetic
+        NAME.png, NAME.npy, NAME.json   # 2D: 8-bit view, exact values in [-1, 1], provenance sidecar
+        metadata.json             # synthetic: true, checkpoint + SHA-256, resolved config, versions, date
+
+    Every file is written atomically.
+
+    Args:
+        output_dir: destination folder.
+        metadata: extra entries for ``metadata.json`` (checkpoint path, ...).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.metadata = dict(metadata or {})
+        self._count = 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._count = 0
+        ckpt = self.metadata.get("checkpoint")
+        self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
+
+    @staticmethod
+    def _stem(name: str) -> str:
+        for ext in (".nii.gz", ".nii", ".png", ".npy"):
+            if name.endswith(ext):
+                return name[: -len(ext)]
+        return Path(name).stem
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
+        recon = prediction["reconstruction"]  # (B, C, *spatial) in [-1, 1]
+        for i in range(recon.shape[0]):
+            stem = self._stem(str(prediction["name"][i]))
+            index = int(prediction["index"][i]) if "index" in prediction else self._count
+            source = str(prediction["path"][i]) if "path" in prediction else None
+            x = recon[i]
+            if "norm_low" in prediction and "norm_high" in prediction:
+                from medsynth.data.volumes import Normalization
+
+                x = Normalization.from_unit(x, float(prediction["norm_low"][i]), float(prediction["norm_high"][i]))
+            x = x.numpy().astype(np.float32)
+            extra = {"source": source, "kind": "autoencoder reconstruction"}
+            if x.ndim == 4:  # (C, X, Y, Z) -> NIfTI, channels last
+                affine = prediction["affine"][i].numpy() if "affine" in prediction else np.eye(4)
+                array = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+                save_nifti(self.output_dir / f"{stem}.nii.gz", array, affine, descrip=nifti_descrip("reconstruction"))
+            else:
+                save_npy(self.output_dir / f"{stem}.npy", x)
+                save_png(self.output_dir / f"{stem}.png", to_uint8(recon[i]), text=png_text(self._sha, None, index))
+            save_json(self.output_dir / f"{stem}.json", sidecar(self._sha, None, index, details="metadata.json", **extra))
+            self._count += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        total = int(trainer.strategy.reduce(torch.tensor(float(self._count)), reduce_op="sum"))
+        if trainer.is_global_zero:
+            save_json(self.output_dir / "metadata.json",
+                      run_metadata(trainer, pl_module, {**self.metadata, "checkpoint_sha256": self._sha,
+                                                        "num_reconstructions": total}))

@@ -1,8 +1,9 @@
-"""The demo dataset: 2D slices of the MNI152 brain template that nilearn ships, with tissue masks (no download).
+"""The demo datasets, built from the MNI152 brain template that nilearn ships (no download).
 
 nilearn installs ``mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`` (197x233x189, 1 mm, skull-stripped
-T1 and grey/white-matter probability maps stored as 0..255). Slices are written once into a cache folder in the
-reference layout, then read like user data.
+T1 and grey/white-matter probability maps stored as 0..255). 2D slices with tissue masks (written in the reference
+layout) and 3D halves of the T1 (NIfTI with a volume manifest) are built once into a cache folder, then read like user
+data.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from medsynth.data.classes import ClassImageDataModule, class_map_files
 from medsynth.data.datamodules import SegGuidedImageDataModule
+from medsynth.data.volumes import VolumeDataModule
 from medsynth.errors import DataError
 from medsynth.io import save_json, save_png
 
@@ -213,4 +217,144 @@ class MNI152PlaneDataModule(ClassImageDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare_data()
+        super().setup(stage)
+
+
+def downsample_volume(array: np.ndarray, affine: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a 3D volume to voxels ``factor`` times larger on every axis, keeping it where it was in the world.
+
+    Trilinear interpolation (``align_corners=False``) at output voxel ``i`` reads input position
+    ``factor * i + (factor - 1) / 2``; the affine is composed with that map, so world coordinates stay exact. At an
+    integer factor of 2 this is the average of each 2x2x2 block; larger factors alias somewhat (no pre-filter).
+
+    Args:
+        array: ``(X, Y, Z)`` volume.
+        affine: its ``(4, 4)`` voxel-to-world matrix.
+        factor: new voxel size over old (>= 1; 1 returns the input).
+
+    Returns:
+        The ``(floor(X / factor), ...)`` float32 volume and its affine.
+    """
+    if factor == 1:
+        return array.astype(np.float32), affine
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    out = F.interpolate(t, scale_factor=1.0 / factor, mode="trilinear", align_corners=False,
+                        recompute_scale_factor=False)[0, 0].numpy()
+    index_map = np.diag([factor, factor, factor, 1.0])
+    index_map[:3, 3] = (factor - 1.0) / 2.0
+    return out, affine @ index_map
+
+
+def _shifted(affine: np.ndarray, start: int, axis: int = 0) -> np.ndarray:
+    """The affine of a sub-volume that starts at voxel ``start`` along ``axis``."""
+    out = affine.copy()
+    offset = np.zeros(3)
+    offset[axis] = start
+    out[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+    return out
+
+
+def build_mni152_volumes(root: Path, resolution_mm: float = 2.0) -> Path:
+    """Write the posterior and anterior halves of the MNI152 T1 as NIfTI volumes under ``root`` (atomically).
+
+    The template is resampled to ``resolution_mm`` (:func:`downsample_volume`) and cut in the middle of its second
+    (posterior-anterior) axis into ``posterior.nii.gz`` (split ``train``) and ``anterior.nii.gz`` (``val``), each
+    with the affine that keeps it where it was. Validation patches are held-out anatomy (frontal lobes against
+    occipital lobes and cerebellum); a left/right cut would not be, as the 2009a *symmetric* template is its own
+    mirror image.
+
+    Returns:
+        ``root``, holding the two volumes, ``manifest.json`` (records with splits) and ``dataset.json``.
+    """
+    import nibabel as nib
+
+    img = nib.load(mni152_files()["t1"])
+    t1 = np.asarray(img.dataobj, dtype=np.float32)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = float(np.linalg.norm(affine[:3, 0]))
+    t1, affine = downsample_volume(t1, affine, resolution_mm / spacing)
+    cut = t1.shape[1] // 2
+    first, second = (t1[:, :cut], _shifted(affine, 0, 1)), (t1[:, cut:], _shifted(affine, cut, 1))
+    halves = {"posterior": first, "anterior": second} if affine[1, 1] > 0 else {"posterior": second, "anterior": first}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for name, (data, aff) in halves.items():
+            out = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), aff)
+            out.header.set_xyzt_units("mm")
+            nib.save(out, tmp / f"{name}.nii.gz")
+        save_json(tmp / "dataset.json", {
+            "source": "nilearn MNI152 2009a symmetric template (T1)", "resolution_mm": resolution_mm,
+            "shapes": {k: list(v[0].shape) for k, v in halves.items()}, "version": CACHE_VERSION,
+        })
+        save_json(tmp / "manifest.json", [{"image": "posterior.nii.gz", "split": "train"},
+                                          {"image": "anterior.nii.gz", "split": "val"}])
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+class MNI152VolumeDataModule(VolumeDataModule):
+    """3D demo data: patches of the MNI152 T1 template, its posterior half for training, anterior for validation.
+
+    Built from the file nilearn ships into ``cache_dir`` on first use (:func:`build_mni152_volumes`), then read
+    through its manifest like user data. At 2 mm each half is 98x58x94 voxels.
+
+    Args:
+        cache_dir: where built demo data is kept (default ``$MEDSYNTH_CACHE`` or ``~/.cache/medsynth``).
+        resolution_mm: voxel size in mm the 1 mm template is resampled to (>= 1).
+        patch_size: side in voxels of the cubic patches (at most 58 at 2 mm, 116 at 1 mm).
+        percentiles: lower and upper percentiles (0..100) of the brain voxels mapped to -1 and 1.
+        samples_per_volume: training patches drawn from the volume each time it is loaded.
+        queue_length: patches the training queue holds.
+        val_patches_per_volume: fixed validation patches from the anterior half.
+        batch_size: patches per batch.
+        num_workers: processes loading volumes.
+        random_flip: flip training patches along each axis at random.
+        random_rot90: turn training patches by quarter turns at random.
+        predict_split: the volumes ``predict`` yields (``all``: both halves).
+    """
+
+    def __init__(
+        self,
+        cache_dir: Optional[Path] = None,
+        resolution_mm: float = 2.0,
+        patch_size: int = 32,
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        samples_per_volume: int = 8,
+        queue_length: int = 64,
+        val_patches_per_volume: int = 4,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        random_flip: bool = True,
+        random_rot90: bool = True,
+        predict_split: Literal["all", "train", "val", "test"] = "all",
+    ) -> None:
+        if not resolution_mm >= 1.0:
+            raise DataError(f"data.resolution_mm={resolution_mm}: the template is 1 mm; give 1 or more")
+        self.resolution_mm = float(resolution_mm)
+        self.root = Path(cache_dir or default_cache_dir()) / f"mni152_volumes_{CACHE_VERSION}_{resolution_mm:g}mm"
+        super().__init__(
+            manifest=self.root / "manifest.json", patch_size=patch_size, channels=1, normalization="mri",
+            percentiles=percentiles, samples_per_volume=samples_per_volume, queue_length=queue_length,
+            val_patches_per_volume=val_patches_per_volume, batch_size=batch_size, num_workers=num_workers,
+            random_flip=random_flip, random_rot90=random_rot90, predict_split=predict_split,
+        )
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """``None``: the demo volumes carry no class labels (known without building the cache)."""
+        return None
+
+    def prepare_data(self) -> None:
+        if not self.manifest.is_file():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            build_mni152_volumes(self.root, self.resolution_mm)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # prepare_data runs on one rank only; make sure the cache exists everywhere
         super().setup(stage)

@@ -1,6 +1,7 @@
 """LightningModules: one per kind of stage."""
 
+from medsynth.modules.autoencoder import AutoencoderModule
 from medsynth.modules.diffusion import DiffusionModule
 from medsynth.modules.segmenter import SegmenterModule
 
-__all__ = ["DiffusionModule", "SegmenterModule"]
+__all__ = ["AutoencoderModule", "DiffusionModule", "SegmenterModule"]

@@ -9,17 +9,26 @@ from medsynth.cli import expand_flags, main
 from medsynth.data.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+COMPOSE_MARK = "# compose after: "
+
+
+def is_variant(path: Path) -> bool:
+    """A variant (e.g. configs/ae3d_stage2.yaml, configs/experiments/*) only makes sense after its recipe."""
+    return path.read_text().startswith(COMPOSE_MARK)
+
+
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not is_variant(p))
+VARIANTS = sorted(p for p in (ROOT / "configs").glob("**/*.yaml") if p.parent.name != "configs" or is_variant(p))
 
 
 def base_of(variant: Path) -> Path:
     """A variant's first line names the recipe it composes after: ``# compose after: configs/X.yaml``."""
     first = variant.read_text().splitlines()[0]
-    assert first.startswith("# compose after: "), f"{variant} does not say which recipe it composes after"
+    assert first.startswith(COMPOSE_MARK), f"{variant} does not say which recipe it composes after"
     return ROOT / first.split(": ", 1)[1].strip()
 
 
-COMPOSED = [[r] for r in RECIPES] + [[base_of(p), p] for p in sorted((ROOT / "configs").glob("*/*.yaml"))]
+COMPOSED = [[r] for r in RECIPES] + [[base_of(p), p] for p in VARIANTS]
 
 
 @pytest.mark.parametrize("configs", COMPOSED, ids=lambda cs: "+".join(p.name for p in cs))

@@ -1,0 +1,679 @@
+"""3D NIfTI volumes: JSON manifests, reading and validation, invertible intensity scaling, and the patch DataModule.
+
+A volume manifest takes one of three forms; relative paths resolve against the manifest's folder and must stay
+inside it (``../`` out of it is refused; absolute paths are taken as they are)::
+
+    [{"image": "ct/a.nii.gz", "label": 1, "split": "train"}, ...]   # records; label and split are optional
+    {"brats": "volumes/brats", "ixi": "volumes/ixi"}                 # 3D MedDiffusion: every *.nii(.gz) per folder
+    {"0": "volumes/healthy", "1": "volumes/tumour"}                  # integer keys 0..N-1: one folder per label
+
+A volume's name is its file name without ``.nii``/``.nii.gz`` and must be unique across the manifest. Records
+without a split are divided into train and val by a hash of their name (:func:`assign_splits`).
+
+Volumes keep the file's voxel order and affine exactly (no reorientation, no resampling), so an output written with
+the input's affine overlays the input. Arrays are channels-first ``(C, X, Y, Z)``, ``X, Y, Z`` being the file's
+first three axes; a multi-channel volume is a 4D file with the channels on its last axis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Literal, Optional, Sequence, Union
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from torch.utils.data import DataLoader, Dataset
+from torchio.transforms.augmentation import RandomTransform
+
+from medsynth.data.image2d import SPLITS
+from medsynth.data.manifest import load_json
+from medsynth.errors import DataError, MedsynthError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+RECORD_KEYS = ("image", "label", "split")
+PLANES = ((0, 1), (0, 2), (1, 2))
+
+Array = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """One 3D example.
+
+    Attributes:
+        name: the file name without ``.nii``/``.nii.gz``; unique within a manifest.
+        image: absolute path of the NIfTI file.
+        label: integer class label (>= 0), or ``None`` for unlabelled data.
+        split: ``train``, ``val`` or ``test``; ``None`` leaves it to :func:`assign_splits`.
+    """
+
+    name: str
+    image: Path
+    label: Optional[int] = None
+    split: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------------- manifests
+
+
+def volume_name(path: Path) -> Optional[str]:
+    """The name of a NIfTI file (its file name without ``.nii``/``.nii.gz``), or ``None`` for another file."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def list_volume_files(folder: Path) -> list[Path]:
+    """The ``.nii``/``.nii.gz`` files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and volume_name(p) is not None)
+
+
+def _resolve(manifest: Path, rel: object, where: str) -> Path:
+    """An absolute path for a path written in ``manifest``; relative ones must stay inside its folder."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{manifest}: {where} path {rel!r} is not a non-empty string")
+    p = Path(rel)
+    if p.is_absolute():
+        return p
+    root = Path(os.path.abspath(manifest.parent))
+    full = Path(os.path.normpath(root / p))  # lexical: a symlink the user placed inside is fine
+    if not full.is_relative_to(root):
+        raise DataError(f"{manifest}: {where} path '{rel}' leaves the manifest's folder; use an absolute path")
+    return full
+
+
+def _folder_records(manifest: Path, raw: dict) -> list[VolumeRecord]:
+    """Records of the 3D MedDiffusion map ``{"name": "dir"}`` or class map ``{"0": "dir", "1": ...}``."""
+    if not raw or not all(isinstance(v, str) for v in raw.values()):
+        raise DataError(f"{manifest}: manifest object must map names or labels to folders of .nii/.nii.gz files")
+    labelled = all(k.isdigit() for k in raw)
+    if labelled:
+        labels = sorted(int(k) for k in raw)
+        if labels != list(range(len(labels))):
+            raise DataError(f"{manifest}: class labels {labels} must be 0..{len(labels) - 1}")
+    records = []
+    for key, rel in raw.items():
+        folder = _resolve(manifest, rel, f"'{key}'")
+        if not folder.is_dir():
+            raise DataError(f"{manifest}: '{key}' names a missing folder {folder}")
+        files = list_volume_files(folder)
+        if not files:
+            raise DataError(f"{manifest}: folder {folder} ('{key}') holds no .nii or .nii.gz volumes")
+        label = int(key) if labelled else None
+        records += [VolumeRecord(volume_name(f), Path(os.path.abspath(f)), label) for f in files]
+    return records
+
+
+def _listed_records(manifest: Path, raw: list) -> list[VolumeRecord]:
+    """Records of the list form ``[{"image": ..., "label": ..., "split": ...}, ...]``."""
+    records = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise DataError(f"{manifest}: record {i} is not an object")
+        unknown = sorted(set(entry) - set(RECORD_KEYS))
+        if unknown:
+            raise DataError(f"{manifest}: record {i} has unknown key '{unknown[0]}' "
+                            f"(expected {', '.join(RECORD_KEYS)})")
+        if "image" not in entry:
+            raise DataError(f"{manifest}: record {i} has no 'image'")
+        image = _resolve(manifest, entry["image"], f"record {i}")
+        name = volume_name(image)
+        if name is None:
+            raise DataError(f"{manifest}: record {i} image {image} is not a NIfTI file (.nii or .nii.gz)")
+        if not image.is_file():
+            raise DataError(f"{manifest}: record {i} image {image} does not exist")
+        label = entry.get("label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+            raise DataError(f"{manifest}: record {i} label {label!r} is not a non-negative integer")
+        split = entry.get("split")
+        if split is not None and split not in SPLITS:
+            raise DataError(f"{manifest}: record {i} has split {split!r}; expected one of {', '.join(SPLITS)}")
+        records.append(VolumeRecord(name, image, label, split))
+    return records
+
+
+def read_volume_manifest(path: Union[str, Path]) -> list[VolumeRecord]:
+    """Read a volume manifest (see the module docstring) into records with absolute paths, in file order.
+
+    The files are only listed here; :func:`check_volume` reads them.
+
+    Raises:
+        DataError: missing or malformed manifest, a missing or empty folder, a missing image file, duplicate
+            names, an unknown split, a label that is not a non-negative integer, labels on some records only.
+    """
+    path = Path(path)
+    raw = load_json(path, "manifest")
+    if isinstance(raw, dict):
+        records = _folder_records(path, raw)
+    elif isinstance(raw, list):
+        records = _listed_records(path, raw)
+    else:
+        raise DataError(f"{path}: manifest must be a list of records or an object mapping names/labels to folders")
+    if not records:
+        raise DataError(f"{path}: manifest lists no volumes")
+    seen: dict[str, Path] = {}
+    for r in records:
+        if r.name in seen:
+            raise DataError(f"{path}: two volumes are named '{r.name}' ({seen[r.name]} and {r.image}); "
+                            "names (file names without .nii/.nii.gz) must be unique")
+        seen[r.name] = r.image
+    unlabelled = [r for r in records if r.label is None]
+    if unlabelled and len(unlabelled) < len(records):
+        raise DataError(f"{path}: volume '{unlabelled[0].name}' has no label while others have; label all or none")
+    return records
+
+
+def _hash_unit(name: str) -> float:
+    """A stable number in [0, 1) from a name alone."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16) / 16**12
+
+
+def assign_splits(records: Sequence[VolumeRecord], val_fraction: float = 0.2,
+                  source: Union[str, Path] = "manifest") -> list[VolumeRecord]:
+    """Give every record without a split ``train`` or ``val``, deterministically from its name.
+
+    A record goes to ``val`` when a hash of its name, as a number in [0, 1), is below ``val_fraction``, so adding
+    volumes never moves the others. Records with an explicit split keep it (only those marked ``test`` are test).
+    When no record is in ``val``, the unsplit record with the smallest hash goes there; when none is left in
+    ``train``, the one with the largest hash goes back.
+
+    Args:
+        records: the manifest's records.
+        val_fraction: fraction of the unsplit records that goes to ``val``, in [0, 1).
+        source: what the records come from (the manifest path), for error messages.
+
+    Raises:
+        DataError: no ``val`` volume can be had without emptying ``train`` (fewer than 2 volumes, no explicit splits).
+    """
+    free = sorted((r for r in records if r.split is None), key=lambda r: _hash_unit(r.name))
+    if not free:
+        return list(records)
+    val = {r.name for r in free if _hash_unit(r.name) < val_fraction}
+    if not val and not any(r.split == "val" for r in records):
+        val = {free[0].name}
+    if len(val) == len(free) and not any(r.split == "train" for r in records):
+        val.discard(free[-1].name)
+    if not val and not any(r.split == "val" for r in records):
+        raise DataError(f"{source}: needs at least 2 volumes or explicit splits (one for train, one for val)")
+    return [r if r.split is not None else replace(r, split="val" if r.name in val else "train") for r in records]
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def read_volume(path: Union[str, Path], channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check a NIfTI volume: a channels-first float32 array ``(C, X, Y, Z)`` and its ``(4, 4)`` affine.
+
+    The voxel order and affine are the file's (no reorientation). Scaling (``scl_slope``/``scl_inter``) is applied.
+    A 4D file with one entry on its last axis counts as 3D; NIfTI vector data ``(X, Y, Z, 1, C)`` is accepted too.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        channels: expected channels: 1 means a 3D file; more means a 4D file with ``channels`` on its last axis.
+
+    Raises:
+        DataError: one line naming the file: missing, unreadable (corrupt or truncated), not 3D, a wrong channel
+            count, an empty axis, NaN or infinite intensities.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: volume does not exist")
+    try:
+        img = nib.load(path)
+        if 0 in img.shape:
+            raise DataError(f"{path}: volume {_shape_str(img.shape)} has an empty axis")
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, ImageFileError,
+            HeaderDataError) as exc:
+        raise DataError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+    shape = data.shape
+    if data.ndim == 5 and shape[3] == 1:  # NIfTI keeps vector (channel) data on the 5th axis
+        data = data[:, :, :, 0]
+    if data.ndim == 4 and channels == 1 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 3 and channels == 1:
+        data = data[None]
+    elif data.ndim == 3:
+        raise DataError(f"{path}: 3D volume {_shape_str(shape)} but data.channels={channels}; a multi-channel "
+                        "volume is 4D with the channels on its last axis")
+    elif data.ndim == 4 and channels == 1:
+        raise DataError(f"{path}: 4D volume {_shape_str(shape)} where 3D was expected (data.channels=1); store one "
+                        f"volume per file, or set data.channels={shape[3]} if the last axis holds channels")
+    elif data.ndim == 4 and data.shape[3] != channels:
+        raise DataError(f"{path}: volume {_shape_str(shape)} has {data.shape[3]} channels on its last axis but "
+                        f"data.channels={channels}")
+    elif data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    else:
+        raise DataError(f"{path}: {data.ndim}D array {_shape_str(shape)}; expected a 3D volume")
+    bad = int(data.size - np.isfinite(data).sum())
+    if bad:
+        raise DataError(f"{path}: {bad} NaN or infinite intensities; replace them before training")
+    return np.ascontiguousarray(data), affine
+
+
+def _patch_shape(patch_size: Union[int, Sequence[int]]) -> tuple[int, int, int]:
+    return (int(patch_size),) * 3 if isinstance(patch_size, (int, np.integer)) else tuple(int(p) for p in patch_size)
+
+
+def check_patch_fits(path: Union[str, Path], spatial_shape: Sequence[int],
+                     patch_size: Union[int, Sequence[int]]) -> None:
+    """A check that a patch fits in a volume: DataError naming the file when the patch is larger on some axis."""
+    patch = _patch_shape(patch_size)
+    if any(p > s for p, s in zip(patch, spatial_shape)):
+        raise DataError(f"{path}: patch {_shape_str(patch)} larger than volume {_shape_str(spatial_shape)}; "
+                        "lower --data.patch_size")
+
+
+def check_volume(path: Union[str, Path], channels: int = 1,
+                 patch_size: Union[int, Sequence[int], None] = None) -> tuple[int, ...]:
+    """Read a NIfTI volume and check it is usable (see :func:`read_volume`); returns its spatial shape ``(X, Y, Z)``.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        channels: expected channels (1: a 3D file; more: 4D with channels last).
+        patch_size: side of the cubic training patch (or its 3 sides), in voxels; ``None`` skips the size check.
+
+    Raises:
+        DataError: as :func:`read_volume`, or a patch larger than the volume on some axis.
+    """
+    data, _ = read_volume(path, channels)
+    spatial = tuple(int(s) for s in data.shape[1:])
+    if patch_size is not None:
+        check_patch_fits(path, spatial, patch_size)
+    return spatial
+
+
+def _torchio_reader(path: Union[str, Path], channels: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Reader for ``tio.ScalarImage``: the checked channels-first tensor and the file's affine."""
+    data, affine = read_volume(path, channels)
+    return torch.from_numpy(data), affine
+
+
+# ---------------------------------------------------------------------------------------------------- intensities
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Invertible per-volume intensity scaling to [-1, 1]: a clip to ``(low, high)`` then a linear map.
+
+    ``mri``: ``(low, high)`` are the ``percentiles`` of the volume's nonzero voxels (all voxels when every one is
+    zero), over all channels together, so a zero background does not pull the lower bound down. ``ct``:
+    ``(low, high)`` is the fixed Hounsfield ``window``. A constant volume gets ``high = low + 1`` (it maps to -1).
+    :meth:`from_unit` inverts the map exactly for intensities inside ``(low, high)``, so outputs can be written
+    back in the input's units.
+
+    Args:
+        mode: ``mri`` (per-volume percentile clip) or ``ct`` (fixed HU window).
+        percentiles: lower and upper percentiles in [0, 100] used by ``mri``.
+        window: lower and upper intensity (HU) used by ``ct``.
+    """
+
+    mode: Literal["mri", "ct"] = "mri"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] = (-1000.0, 1000.0)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mri", "ct"):
+            raise MedsynthError(f"data.normalization={self.mode!r}: expected 'mri' or 'ct'")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise MedsynthError(f"data.percentiles={tuple(self.percentiles)}: need 0 <= low < high <= 100")
+        if not self.window[0] < self.window[1]:
+            raise MedsynthError(f"data.ct_window={tuple(self.window)}: need low < high")
+
+    def intensity_range(self, array: Array) -> tuple[float, float]:
+        """The ``(low, high)`` intensities this normalisation maps to -1 and 1 for one volume (any shape)."""
+        if self.mode == "ct":
+            return float(self.window[0]), float(self.window[1])
+        values = np.asarray(array, dtype=np.float32).ravel()
+        nonzero = values[values != 0]
+        low, high = (float(v) for v in np.percentile(nonzero if nonzero.size else values, self.percentiles))
+        return (low, high) if high > low else (low, low + 1.0)
+
+    def to_unit(self, array: Array) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Scale one volume to [-1, 1]; returns the float32 tensor (same shape) and the ``(low, high)`` used."""
+        low, high = self.intensity_range(array)
+        return scale_to_unit(array, low, high), (low, high)
+
+    @staticmethod
+    def from_unit(tensor: Array, low: float, high: float) -> torch.Tensor:
+        """Map [-1, 1] values back to intensities: the inverse of :meth:`to_unit` with the ``(low, high)`` it gave.
+
+        Args:
+            tensor: values in [-1, 1], any shape.
+            low: the intensity that -1 stands for.
+            high: the intensity that 1 stands for.
+
+        Returns:
+            float32 intensities in ``[low, high]`` units (input outside [-1, 1] maps linearly outside).
+        """
+        x = torch.as_tensor(tensor).double()
+        return ((x + 1.0) * ((high - low) / 2.0) + low).float()
+
+
+def scale_to_unit(array: Array, low: float, high: float) -> torch.Tensor:
+    """Clip intensities to ``[low, high]`` and map that range linearly onto [-1, 1] (float32, same shape)."""
+    x = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).double()
+    return ((x.clamp(low, high) - low) * (2.0 / (high - low)) - 1.0).float()
+
+
+class ScaleToUnit(tio.IntensityTransform):
+    """Scales each subject's images to [-1, 1] with the ``norm_low``/``norm_high`` the subject carries.
+
+    The range is computed once per volume at setup (:meth:`Normalization.intensity_range`), so every patch of a
+    volume, in every epoch, uses the same map.
+    """
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            image.set_data(scale_to_unit(image.data, subject["norm_low"], subject["norm_high"]))
+        return subject
+
+
+# ---------------------------------------------------------------------------------------------------- augmentation
+
+
+class Rot90(tio.SpatialTransform):
+    """A rotation by ``k`` quarter turns in the plane of two spatial axes, as ``np.rot90(x, k, axes)`` on ``(X, Y, Z)``.
+
+    The affine is left as it is: meant for training patches, whose position in the world is not used.
+
+    Args:
+        k: quarter turns (any integer; negative turns the other way).
+        axes: the two spatial axes (0..2) of the plane; for odd ``k`` they must have the same length.
+    """
+
+    def __init__(self, k: int = 1, axes: tuple[int, int] = (0, 1)) -> None:
+        super().__init__()
+        if len(axes) != 2 or axes[0] == axes[1] or not set(axes) <= {0, 1, 2}:
+            raise ValueError(f"Rot90 axes {axes}: expected two different spatial axes in 0..2")
+        self.k, self.axes = int(k), (int(axes[0]), int(axes[1]))
+        self.args_names = ["k", "axes"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        dims = (self.axes[0] + 1, self.axes[1] + 1)  # data is (C, X, Y, Z)
+        for image in self.get_images(subject):
+            if self.k % 2 and image.data.shape[dims[0]] != image.data.shape[dims[1]]:
+                raise ValueError(f"Rot90 in plane {self.axes} of a {_shape_str(image.spatial_shape)} image "
+                                 "changes its shape; rotate only planes with equal sides")
+            image.set_data(torch.rot90(image.data, self.k, dims).contiguous())
+        return subject
+
+    def is_invertible(self) -> bool:
+        return True
+
+    def inverse(self) -> Rot90:
+        return Rot90(-self.k, self.axes)
+
+
+class RandomRot90(RandomTransform, tio.SpatialTransform):
+    """A random number of quarter turns (0 to 3, equally likely) in a random plane whose two sides are equal.
+
+    Planes whose sides differ are never rotated (the shape is kept); a cubic patch may turn in any of the three.
+    """
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        shape = subject.spatial_shape
+        planes = [p for p in PLANES if shape[p[0]] == shape[p[1]]]
+        if not planes:
+            return subject
+        plane = planes[int(torch.randint(len(planes), ()))]
+        k = int(torch.randint(4, ()))
+        return Rot90(k, plane)(subject) if k else subject
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+
+class VolumeDataset(Dataset):
+    """Whole volumes scaled to [-1, 1], for prediction (encoding, reconstruction, sampling shapes).
+
+    Items: ``image`` ``(C, X, Y, Z)`` float32 in [-1, 1] in the file's voxel order, ``name``, ``path`` (str),
+    ``affine`` ``(4, 4)`` float64 (the file's), ``norm_low``/``norm_high`` (the intensities -1 and 1 stand for, see
+    :meth:`Normalization.from_unit`), ``index`` (position in this dataset) and ``label`` when the records have one.
+
+    Args:
+        records: the volumes, in item order.
+        channels: image channels (see :func:`read_volume`).
+        normalization: the intensity scaling.
+    """
+
+    def __init__(self, records: Sequence[VolumeRecord], channels: int, normalization: Normalization) -> None:
+        self.records, self.channels, self.normalization = list(records), channels, normalization
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        data, affine = read_volume(rec.image, self.channels)
+        x, (low, high) = self.normalization.to_unit(data)
+        item = {"image": x, "name": rec.name, "path": str(rec.image), "affine": torch.from_numpy(affine),
+                "norm_low": low, "norm_high": high, "index": index}
+        if rec.label is not None:
+            item["label"] = rec.label
+        return item
+
+
+class PatchQueueDataset(Dataset):
+    """Training patches popped from a ``tio.Queue``, augmented, as dicts ``image`` ``(C, P, P, P)`` (+ ``label``).
+
+    The queue samples in the main process; read it through a DataLoader with ``num_workers=0`` (the queue has
+    its own workers that load volumes).
+
+    Args:
+        queue: the patch queue.
+        augment: transform applied to each patch, or ``None``.
+    """
+
+    def __init__(self, queue: tio.Queue, augment: Optional[tio.Transform] = None) -> None:
+        self.queue, self.augment = queue, augment
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def __getitem__(self, index: int) -> dict:
+        patch = self.queue[index]
+        if self.augment is not None:
+            patch = self.augment(patch)
+        return _patch_item(patch["image"].data, patch.get("label"))
+
+
+def _patch_item(image: torch.Tensor, label: Optional[int]) -> dict:
+    item = {"image": image.float().contiguous()}
+    if label is not None:
+        item["label"] = int(label)
+    return item
+
+
+# ---------------------------------------------------------------------------------------------------- datamodule
+
+
+class VolumeDataModule(L.LightningDataModule):
+    """3D NIfTI volumes through torchio: random cubic patches for training, fixed patches for validation.
+
+    Training draws ``samples_per_volume`` uniformly placed patches from each volume in turn through a
+    ``tio.Queue`` (volumes loaded by ``num_workers`` processes), flipped and turned by quarter turns at random.
+    Validation uses ``val_patches_per_volume`` patches per volume at positions fixed by the volume's name (held in
+    memory, so validation scores compare across epochs). Prediction yields whole volumes one at a time (see
+    :class:`VolumeDataset`). Intensities go to [-1, 1] per volume (see :class:`Normalization`). Every volume of
+    the splits a stage uses is read and checked in ``setup`` (one line naming the first bad file).
+
+    Args:
+        manifest: JSON volume manifest (see :mod:`medsynth.data.volumes`).
+        patch_size: side in voxels of the cubic training and validation patches; every train/val volume must be at
+            least this large on each axis.
+        channels: image channels: 1 for 3D files; more for 4D files with the channels on the last axis.
+        normalization: ``mri`` (per-volume percentile clip) or ``ct`` (fixed HU window), mapped to [-1, 1].
+        percentiles: lower and upper percentiles (0..100) of the nonzero voxels clipped to, for ``mri``.
+        ct_window: lower and upper intensities in HU clipped to, for ``ct``.
+        val_fraction: fraction (0..1) of the volumes without an explicit split that goes to ``val``.
+        samples_per_volume: training patches drawn from a volume each time it is loaded.
+        queue_length: patches the training queue holds (more mixes volumes better, costs memory).
+        val_patches_per_volume: fixed validation patches per ``val`` volume.
+        batch_size: patches per training/validation batch (prediction uses 1: whole volumes differ in size).
+        num_workers: processes loading volumes (for the training queue and prediction).
+        random_flip: flip training patches along each axis with probability 0.5.
+        random_rot90: turn training patches by 0-3 quarter turns in a random plane.
+        predict_split: the volumes ``predict`` yields: ``all`` of them in manifest order, or one split.
+    """
+
+    def __init__(
+        self,
+        manifest: Optional[Path] = None,
+        patch_size: int = 64,
+        channels: int = 1,
+        normalization: Literal["mri", "ct"] = "mri",
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        ct_window: tuple[float, float] = (-1000.0, 1000.0),
+        val_fraction: float = 0.2,
+        samples_per_volume: int = 8,
+        queue_length: int = 64,
+        val_patches_per_volume: int = 4,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        random_flip: bool = True,
+        random_rot90: bool = True,
+        predict_split: Literal["all", "train", "val", "test"] = "all",
+    ) -> None:
+        super().__init__()
+        for arg, value, least in (("patch_size", patch_size, 1), ("channels", channels, 1),
+                                  ("samples_per_volume", samples_per_volume, 1), ("queue_length", queue_length, 1),
+                                  ("val_patches_per_volume", val_patches_per_volume, 1),
+                                  ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if value < least:
+                raise DataError(f"data.{arg}={value}: must be at least {least}")
+        if not 0 <= val_fraction < 1:
+            raise DataError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if predict_split not in ("all", *SPLITS):
+            raise DataError(f"data.predict_split={predict_split!r}: expected all, {', '.join(SPLITS)}")
+        self.save_hyperparameters()
+        self.manifest = Path(manifest) if manifest is not None else None
+        self.patch_size, self.channels = patch_size, channels
+        self.normalization = Normalization(normalization, tuple(percentiles), tuple(ct_window))
+        self.val_fraction = val_fraction
+        self.samples_per_volume, self.queue_length = samples_per_volume, queue_length
+        self.val_patches_per_volume = val_patches_per_volume
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.random_flip, self.random_rot90 = random_flip, random_rot90
+        self.predict_split = predict_split
+        self.datasets: dict[str, Dataset] = {}
+        self._records: Optional[list[VolumeRecord]] = None
+
+    # -- what the data is
+
+    def records(self) -> list[VolumeRecord]:
+        """Every record of the manifest, each with its split decided (read once, then cached)."""
+        if self._records is None:
+            if self.manifest is None:
+                raise DataError("data.manifest is not set: give a JSON manifest of NIfTI volumes")
+            self._records = assign_splits(read_volume_manifest(self.manifest), self.val_fraction, self.manifest)
+        return self._records
+
+    def split_records(self, split: str) -> list[VolumeRecord]:
+        """The records of one split (``all``: every record), in manifest order; an empty split is an error."""
+        records = [r for r in self.records() if split == "all" or r.split == split]
+        if not records:
+            raise DataError(f"{self.manifest}: empty split '{split}': no volumes (give records that split)")
+        return records
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """``"0"``..``"N-1"`` (N = largest label + 1) when the volumes carry labels, else ``None``."""
+        labels = [r.label for r in self.records() if r.label is not None]
+        return [str(i) for i in range(max(labels) + 1)] if labels else None
+
+    def model_args(self) -> dict:
+        """What the model must know about this data (linked into the model's arguments by the CLI)."""
+        return {"image_channels": self.channels, "image_size": self.patch_size, "num_classes": 0,
+                "class_names": self.class_names, "output": "image"}
+
+    # -- datasets
+
+    def _subjects(self, records: list[VolumeRecord]) -> list[tio.Subject]:
+        """Lazily loaded torchio subjects, each checked now and carrying its intensity range."""
+        reader = partial(_torchio_reader, channels=self.channels)
+        subjects = []
+        for rec in records:
+            data, _ = read_volume(rec.image, self.channels)
+            check_patch_fits(rec.image, data.shape[1:], self.patch_size)
+            low, high = self.normalization.intensity_range(data)
+            fields = {"image": tio.ScalarImage(rec.image, reader=reader), "name": rec.name,
+                      "norm_low": low, "norm_high": high}
+            if rec.label is not None:
+                fields["label"] = rec.label
+            subjects.append(tio.Subject(fields))
+        return subjects
+
+    def _fixed_patches(self, records: list[VolumeRecord]) -> list[dict]:
+        """``val_patches_per_volume`` patches per volume at positions seeded by the volume's name."""
+        p = self.patch_size
+        items = []
+        for rec in records:
+            data, _ = read_volume(rec.image, self.channels)
+            check_patch_fits(rec.image, data.shape[1:], p)
+            x, _ = self.normalization.to_unit(data)
+            rng = np.random.default_rng(int(hashlib.sha1(rec.name.encode()).hexdigest()[:16], 16))
+            for i, j, k in rng.integers(0, np.array(data.shape[1:]) - p + 1, size=(self.val_patches_per_volume, 3)):
+                items.append(_patch_item(x[:, i : i + p, j : j + p, k : k + p].clone(), rec.label))
+        return items
+
+    def _train_dataset(self) -> PatchQueueDataset:
+        augment = [tio.RandomFlip(axes=(0, 1, 2))] if self.random_flip else []
+        augment += [RandomRot90()] if self.random_rot90 else []
+        records = self.split_records("train")
+        subjects = tio.SubjectsDataset(self._subjects(records), transform=ScaleToUnit(copy=False))
+        queue = tio.Queue(subjects, max_length=max(self.queue_length, self.batch_size),
+                          samples_per_volume=self.samples_per_volume, sampler=tio.UniformSampler(self.patch_size),
+                          num_workers=self.num_workers, shuffle_subjects=True, shuffle_patches=True)
+        return PatchQueueDataset(queue, tio.Compose(augment) if augment else None)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._train_dataset()
+            self.datasets["val"] = self._fixed_patches(self.split_records("val"))
+        elif stage == "validate":
+            self.datasets["val"] = self._fixed_patches(self.split_records("val"))
+        elif stage == "test":
+            self.datasets["test"] = self._fixed_patches(self.split_records("test"))
+        elif stage == "predict":
+            records = self.split_records(self.predict_split)
+            for rec in records:
+                check_volume(rec.image, self.channels)
+            self.datasets["predict"] = VolumeDataset(records, self.channels, self.normalization)
+
+    # -- loaders
+
+    def train_dataloader(self) -> DataLoader:
+        # torchio rule: the queue loads volumes with its own workers; the loader that pops patches must use none
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["test"], batch_size=self.batch_size, num_workers=0)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["predict"], batch_size=1, num_workers=self.num_workers)
