@@ -291,6 +291,13 @@ class MedsynthCLI(LightningCLI):
                     f"{current[name]!r}"
                 )
 
+    def before_fit(self) -> None:
+        # Inputs a model reads only when training starts (e.g. a stage-1 checkpoint) are checked before anything
+        # is written, so a bad one leaves no run folder behind.
+        check = getattr(self.model, "check_fit_inputs", None)
+        if check is not None:
+            check()
+
     def before_predict(self) -> None:
         self._check_checkpoint_matches_data()
         # the resolved config travels into metadata.json, beside the samples it produced

@@ -43,6 +43,8 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         random_flip: flip training images and masks left-right at random.
         predict_split: the split whose masks condition sampling.
         num_samples: how many images ``predict`` samples for an unconditional model.
+        predict_images: ``predict`` reads the images of ``predict_split`` (with their masks when
+            ``num_classes > 0``) instead of masks alone: what an autoencoder reconstructs or encodes.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         random_flip: bool = True,
         predict_split: str = "test",
         num_samples: int = 16,
+        predict_images: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 0 or num_classes == 1:
@@ -80,6 +83,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         self.random_flip = random_flip
         self.predict_split = predict_split
         self.num_samples = num_samples
+        self.predict_images = predict_images
         self.datasets: dict[str, object] = {}
 
     def model_args(self) -> dict:
@@ -134,8 +138,8 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         elif stage == "test":
             self.datasets["test"] = self._dataset("test")
         elif stage == "predict":
-            if self.conditional:
-                ds = self._dataset(self.predict_split, need_images=False)
+            if self.conditional or self.predict_images:
+                ds = self._dataset(self.predict_split, need_images=self.predict_images)
                 stems = [Path(r.name).stem for r in ds.records]  # outputs are named by stem
                 dupes = sorted({n for n in stems if stems.count(n) > 1})
                 if dupes:

@@ -141,7 +141,12 @@ class AutoencoderModule(L.LightningModule):
                 for p in m.parameters():
                     p.requires_grad_(True)
 
-    def _load_stage1(self, path: Path) -> None:
+    def check_fit_inputs(self) -> None:
+        """Refuse a missing or foreign stage-1 checkpoint before training starts (the CLI calls this)."""
+        if self.init_from is not None:
+            self._read_stage1(self.init_from)
+
+    def _read_stage1(self, path: Path) -> dict:
         if not path.is_file():
             raise MedsynthError(f"{path}: stage-1 checkpoint (model.init_from) does not exist")
         try:
@@ -151,11 +156,19 @@ class AutoencoderModule(L.LightningModule):
         net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         if not net_state:
             raise MedsynthError(f"{path}: not an autoencoder checkpoint (no autoencoder weights)")
-        try:
-            self.net.load_state_dict(net_state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise MedsynthError(f"{path}: autoencoder weights do not fit model.net ({first[1].strip() if len(first) > 1 else first[0]})") from None
+        own = self.net.state_dict()
+        bad = [k for k, v in net_state.items() if k not in own or own[k].shape != v.shape]
+        missing = [k for k in own if k not in net_state]
+        if bad or missing:
+            what = f"unexpected or misshaped '{bad[0]}'" if bad else f"missing '{missing[0]}'"
+            raise MedsynthError(f"{path}: its autoencoder weights do not fit model.net ({what}); give the stage-1 "
+                                "checkpoint of this architecture")
+        return state
+
+    def _load_stage1(self, path: Path) -> None:
+        state = self._read_stage1(path)
+        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        self.net.load_state_dict(net_state)
         disc = {k[len("discriminator."):]: v for k, v in state.items() if k.startswith("discriminator.")}
         if disc and self.discriminator is not None:
             try:

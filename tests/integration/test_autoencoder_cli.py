@@ -113,3 +113,23 @@ def test_stage2_trains_the_decoder_on_larger_crops_from_stage1(tmp_path, volumes
     assert codebook and all(torch.equal(s1[k], s2[k]) for k in codebook)
     encoder = [k for k in s1 if k.startswith("net.encoder")]
     assert encoder and all(torch.equal(s1[k], s2[k]) for k in encoder)
+
+
+def test_vae2d_takes_the_seg2d_data_flags_and_reconstructs_test_images(tmp_path, seg_dataset):
+    img_dir, seg_dir = seg_dataset
+    run, out = tmp_path / "vae", tmp_path / "vae_out"
+    tiny = ["--config", str(ROOT / "configs/vae2d.yaml"), "--model.net.init_args.channels", "[8, 16]",
+            "--model.net.init_args.num_res_blocks", "1", "--model.net.init_args.norm_num_groups", "4",
+            "--model.discriminator.init_args.channels", "8", "--model.discriminator.init_args.num_layers_d", "1",
+            "--model.adversarial_start_step", "2", "--trainer.enable_progress_bar", "false",
+            "--data.img_dir", str(img_dir), "--data.seg_dir", str(seg_dir), "--data.image_size", "16",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.logger", "false"]
+    main(["fit", *tiny, "--trainer.max_steps", "3", "--trainer.default_root_dir", str(run)])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    main(["predict", *tiny, "--ckpt_path", str(ckpt), "--data.predict_images", "true", "--output_dir", str(out)])
+    names = sorted(p.stem for p in (img_dir / "test").glob("*.png"))
+    assert sorted(p.stem for p in out.glob("*.npy")) == names
+    rec = np.load(out / f"{names[0]}.npy")
+    assert rec.shape == (1, 16, 16) and np.abs(rec).max() <= 1
+    assert provenance(out / f"{names[0]}.png")["synthetic"] is True

@@ -194,3 +194,100 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(DataError):
         run("fit", *BASE, *data_args(img, seg), "--trainer.default_root_dir", tmp_path / "run", "--debug")
+
+
+# ---------------------------------------------------------------------------------------------------- 3D volumes
+AE3D = ["--config", str(BASE[1]).replace("seg2d.yaml", "ae3d.yaml"),
+        "--config", str(BASE[3]).replace("tiny.yaml", "tiny_ae3d.yaml")]
+
+
+def _nifti(d, name, array):
+    import nibabel as nib
+
+    p = d["vols"] / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0])), p)
+    return p
+
+
+def nifti_nan(d):
+    a = np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32)
+    a[3, 4, 5] = np.nan
+    return _nifti(d, "a", a)
+
+
+def nifti_4d(d):
+    return _nifti(d, "a", np.ones((16, 16, 16, 3), np.float32))
+
+
+def nifti_wrong_channels(d):
+    d["args"] = ["--data.channels", "2", "--model.net.init_args.in_channels", "2",  # a 2-channel model; the
+                 "--model.discriminator.init_args.in_channels", "2"]               # volumes hold one channel
+    return d["vols"] / "a.nii.gz"
+
+
+def nifti_truncated_gzip(d):
+    p = d["vols"] / "b.nii.gz"
+    p.write_bytes(p.read_bytes()[:200])
+    return p
+
+
+def nifti_not_gzip(d):
+    p = d["vols"] / "b.nii.gz"
+    p.write_bytes(b"plain text, not gzip")
+    return p
+
+
+def patch_larger_than_volume(d):
+    _nifti(d, "c", np.ones((16, 6, 16), np.float32))
+    return d["vols"] / "c.nii.gz"
+
+
+def volume_manifest_escaping_root(d):
+    d["manifest"].write_text(json.dumps([{"image": "../../outside.nii.gz", "split": "train"}]))
+    return d["manifest"]
+
+
+def stage2_without_stage1_checkpoint(d):
+    d["args"] = ["--config", AE3D[1].replace("ae3d.yaml", "ae3d_stage2.yaml"), "--data.patch_size", "16",
+                 "--model.encode_patch_size", "8"]
+    return "stage-1 checkpoint"
+
+
+def stage1_checkpoint_missing(d):
+    missing = d["root"] / "no_such_stage1.ckpt"
+    d["args"] = ["--config", AE3D[1].replace("ae3d.yaml", "ae3d_stage2.yaml"), "--data.patch_size", "16",
+                 "--model.encode_patch_size", "8", "--model.init_from", missing]
+    return missing
+
+
+def stage1_checkpoint_of_another_model(d):
+    c = d["root"] / "diffusion.ckpt"
+    torch.save({"state_dict": {"net.conv_in.weight": torch.zeros(8, 1, 3, 3)}, "hyper_parameters": {}}, c)
+    d["args"] = ["--config", AE3D[1].replace("ae3d.yaml", "ae3d_stage2.yaml"), "--data.patch_size", "16",
+                 "--model.encode_patch_size", "8", "--model.init_from", c]
+    return c
+
+
+CATALOGUE_3D = [nifti_nan, nifti_4d, nifti_wrong_channels, nifti_truncated_gzip, nifti_not_gzip,
+                patch_larger_than_volume, volume_manifest_escaping_root, stage2_without_stage1_checkpoint,
+                stage1_checkpoint_missing, stage1_checkpoint_of_another_model]
+
+
+@pytest.mark.parametrize("corrupt", CATALOGUE_3D, ids=lambda f: f.__name__)
+def test_hostile_3d_input_is_refused_in_one_line(corrupt, tmp_path, capsys):
+    vols = tmp_path / "data"
+    vols.mkdir()
+    d = {"root": tmp_path, "vols": vols, "args": [], "manifest": vols / "manifest.json"}
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        _nifti(d, name, rng.normal(100, 10, (16, 16, 16)).astype(np.float32))
+    d["manifest"].write_text(json.dumps([{"image": "a.nii.gz", "split": "train"}, {"image": "b.nii.gz", "split": "train"},
+                                         {"image": "c.nii.gz", "split": "val"}]))
+    culprit = corrupt(d)
+    run_dir = tmp_path / "run"
+    code = run("fit", *AE3D, "--data.manifest", d["manifest"], *d["args"], "--trainer.default_root_dir", run_dir)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("medsynth: error: ") and str(culprit) in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not run_dir.exists()  # nothing written
