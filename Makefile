@@ -16,12 +16,15 @@ RUNS   ?= runs
 DEMO_CONFIG := --config configs/seg2d.yaml --config configs/experiments/demo.yaml
 DEMO_RUN    := runs/demo
 DEMO_CKPT   := $(DEMO_RUN)/checkpoints/last.ckpt
+AE3D_DEMO_CONFIG := --config configs/ae3d.yaml --config configs/experiments/ae3d_demo.yaml
+AE3D_DEMO_RUN    := runs/ae3d_demo
+AE3D_DEMO_CKPT   := $(AE3D_DEMO_RUN)/checkpoints/last.ckpt
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all quick-test overfit fit sample export status clean lint
+.PHONY: help install demo demo-ae3d test test-all quick-test overfit fit sample export status clean lint
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) RUN=$(RUN) CKPT=<RUN>/checkpoints/last.ckpt OUT=<RUN>/samples-<time> ARGS='extra flags'"
 
 $(STAMP): pyproject.toml
@@ -37,6 +40,11 @@ demo: install ## train on the shipped MNI152 brain slices (CPU, ~10 min), then s
 	$(BIN)/medsynth fit $(DEMO_CONFIG) $(if $(wildcard $(DEMO_CKPT)),--ckpt_path $(DEMO_CKPT)) $(ARGS)
 	$(BIN)/medsynth predict $(DEMO_CONFIG) --ckpt_path $(DEMO_CKPT) --output_dir $(DEMO_RUN)/predictions --overwrite
 	@echo "samples: $(DEMO_RUN)/predictions/grid.png (masks above samples), training previews: $(DEMO_RUN)/samples/"
+
+demo-ae3d: install ## 3D: VQ autoencoder on MNI152 T1 patches (CPU, ~8 min), then reconstructs both halves as NIfTI
+	$(BIN)/medsynth fit $(AE3D_DEMO_CONFIG) $(if $(wildcard $(AE3D_DEMO_CKPT)),--ckpt_path $(AE3D_DEMO_CKPT)) $(ARGS)
+	$(BIN)/medsynth predict $(AE3D_DEMO_CONFIG) --ckpt_path $(AE3D_DEMO_CKPT) --output_dir $(AE3D_DEMO_RUN)/predictions --overwrite
+	@echo "reconstructions: $(AE3D_DEMO_RUN)/predictions/*.nii.gz, training pictures: $(AE3D_DEMO_RUN)/reconstructions/"
 
 test: install ## the default test suite (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q

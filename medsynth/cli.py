@@ -35,13 +35,17 @@ from medsynth.io import atomic_write, save_json
 from medsynth.modules.loading import check_checkpoint, checkpoint_model_config
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
-DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output")
+DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output", "sample_shape",
+                 "latent_space")
 """Model arguments a DataModule supplies through its ``model_args()`` (linked once both are instantiated)."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
 MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensity_range", "patch_size",
                               "normalization", "percentiles", "ct_window")
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
 DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
+PREDICT_TIME_MODEL_ARGS = ("sampler", "sample_seed", "guidance_scale", "predict_output", "latent_scaling",
+                           "autoencoder", "decode_tile")
+"""Model arguments that ``predict --ckpt_path`` takes from the command line/config, not from the checkpoint."""
 """Where the data lives: taken from the checkpoint only when not given on the command line."""
 
 
@@ -194,7 +198,11 @@ def _model_arg(name: str):
     return get
 
 
-MODEL_ARG_DEFAULTS = {"num_classes": 0, "image_channels": 1, "image_size": 64, "class_names": None, "output": "image"}
+MODEL_ARG_DEFAULTS = {"num_classes": 0, "image_channels": 1, "image_size": 64, "class_names": None, "output": "image",
+                      "sample_shape": None, "latent_space": None}
+LATENT_SPACE_IDENTITY = ("autoencoder_sha256", "shift", "scale", "latent_channels", "downsample_factor")
+"""What must agree between a latent model's checkpoint and the latents it is given (the rest, such as the output
+spacing or the autoencoder's path, may change at predict)."""
 
 
 def _is_subclass(class_path: Optional[str], base: type) -> bool:
@@ -240,12 +248,14 @@ class MedsynthCLI(LightningCLI):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
         data = self.config[sub].get("data")
-        if not saved or data is None or saved.get("_class_path") != data.get("class_path"):
+        if not saved or data is None:
             return
         init = data["init_args"]
-        for k in MODEL_DESCRIBING_DATA_ARGS:
+        for k in MODEL_DESCRIBING_DATA_ARGS:  # also across data classes (e.g. the 3D demo's model on user volumes)
             if k in saved and k in init:
                 init[k] = saved[k]
+        if saved.get("_class_path") != data.get("class_path"):
+            return
         for k in DATA_LOCATION_ARGS:
             if k in saved and k in init and init.get(k) is None:
                 init[k] = saved[k]
@@ -265,7 +275,7 @@ class MedsynthCLI(LightningCLI):
             model = self.config[sub].get("model")
             init = model.get("init_args") if model is not None else None
             if init is not None:
-                keep = {k: init.get(k) for k in ("sampler", "sample_seed", "guidance_scale") if k in init}
+                keep = {k: init.get(k) for k in PREDICT_TIME_MODEL_ARGS if k in init}
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path not in ("last", "best"):
             check_checkpoint(ckpt_path)
@@ -285,6 +295,14 @@ class MedsynthCLI(LightningCLI):
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
         current = getattr(self.model, "hparams", {})
         for name in DATA_TO_MODEL:
+            if name == "sample_shape":  # the output size may change at predict
+                continue
+            if name == "latent_space" and saved.get(name) and current.get(name):
+                a, b = ({k: d.get(k) for k in LATENT_SPACE_IDENTITY} for d in (saved[name], current[name]))
+                if a != b:
+                    raise MedsynthError(f"{ckpt_path}: the model was trained on latents of another encoding "
+                                        f"(autoencoder or scaling differ: {a} vs {b})")
+                continue
             if name in saved and name in current and saved[name] != current[name]:
                 raise MedsynthError(
                     f"{ckpt_path}: the model was trained with {name}={saved[name]!r} but the data gives "
@@ -300,6 +318,9 @@ class MedsynthCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_checkpoint_matches_data()
+        check = getattr(self.model, "check_predict_inputs", None)
+        if check is not None:
+            check()
         # the resolved config travels into metadata.json, beside the samples it produced
         self.trainer.run_config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
 

@@ -17,7 +17,7 @@ import medsynth
 from medsynth.errors import MedsynthError
 from medsynth.io import save_json, save_nifti, save_npy, save_png
 from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
-from medsynth.visual import colorize_mask, make_grid, to_uint8
+from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, to_uint8
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -51,6 +51,7 @@ class SampleWriter(BasePredictionWriter):
 
     Layout under ``output_dir``::
 
+        samples/NAME.nii.gz                  # volumes (3D latent diffusion): NIfTI, spacing from the model
         samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000);
                                              # all channels in the NPY (multi-channel images, soft masks)
         samples/NAME.json                    # provenance sidecar of the NPY (PNGs carry it in text chunks)
@@ -96,7 +97,10 @@ class SampleWriter(BasePredictionWriter):
             stem, folder = Path(name).stem, self.output_dir / folders[i]
             index = int(prediction["index"][i])
             mark = png_text(self._sha, self._seed, index)
-            self._save_sample_array(folder / f"{stem}.npy", sample, index)
+            if sample.ndim == 4:
+                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index))
+            else:
+                self._save_sample_array(folder / f"{stem}.npy", sample, index)
             if generated is not None:  # a mask generator: the label map is the result
                 mask = generated[i].numpy()
                 save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8), text=mark)
@@ -104,8 +108,15 @@ class SampleWriter(BasePredictionWriter):
                     self._grid.append((None, None, colorize_mask(mask)))
                 self._count += 1
                 continue
-            view = to_uint8(sample)
-            save_png(folder / f"{stem}.png", view, text=mark)
+            if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing
+                spacing = ((getattr(pl_module, "latent_space", None) or {}).get("spacing") or [1.0, 1.0, 1.0])
+                array = sample.numpy()[0] if sample.shape[0] == 1 else np.moveaxis(sample.numpy(), 0, -1)
+                save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32),
+                           np.diag([*map(float, spacing), 1.0]), descrip=nifti_descrip("sample"))
+                view = np.concatenate(orthogonal_slices(sample), axis=1)
+            else:
+                view = to_uint8(sample)
+                save_png(folder / f"{stem}.png", view, text=mark)
             mask_view = None
             if masks is not None:
                 mask = masks[i].numpy()
@@ -214,3 +225,98 @@ class ReconstructionWriter(BasePredictionWriter):
             save_json(self.output_dir / "metadata.json",
                       run_metadata(trainer, pl_module, {**self.metadata, "checkpoint_sha256": self._sha,
                                                         "num_reconstructions": total}))
+
+
+LATENT_MANIFEST = "latents.json"
+
+
+class LatentWriter(BasePredictionWriter):
+    """Writes the autoencoder's latents of each input and a latent manifest for the latent-diffusion stage.
+
+    Layout under ``output_dir``::
+
+        latents/NAME.npy     # float32 (latent_channels, *spatial / f), unscaled; sides padded to the patch
+        masks/NAME.png       # 2D: the input's mask (at image resolution), when the data has masks
+        latents.json         # the latent manifest: records (latent, source, split, label, mask, affine, shapes),
+                             # the scaling to apply (z - shift) * scale, the autoencoder (checkpoint, SHA-256,
+                             # channels, downsampling factor) and the class names
+
+    Latents encode real data: they are not marked synthetic. The scaling is computed over every latent written
+    (all ranks): ``minmax`` maps the dataset's range onto [-1, 1], ``std`` standardises.
+
+    Args:
+        output_dir: destination folder.
+        metadata: extra entries (the checkpoint path).
+        scaling: ``minmax`` or ``std``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, metadata: Optional[dict] = None, scaling: str = "minmax") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.metadata = dict(metadata or {})
+        self.scaling = scaling
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._records: list[dict] = []
+        self._stats = torch.tensor([float("inf"), float("-inf"), 0.0, 0.0, 0.0], dtype=torch.float64)  # min max n s ss
+        ckpt = self.metadata.get("checkpoint")
+        self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
+        z_all = prediction["latent"]  # (B, C, *spatial)
+        for i in range(z_all.shape[0]):
+            z = z_all[i].double()
+            stem = ReconstructionWriter._stem(str(prediction["name"][i]))
+            save_npy(self.output_dir / "latents" / f"{stem}.npy", z_all[i].numpy().astype(np.float32))
+            self._stats[0] = min(self._stats[0], z.min())
+            self._stats[1] = max(self._stats[1], z.max())
+            self._stats[2] += z.numel()
+            self._stats[3] += z.sum()
+            self._stats[4] += (z * z).sum()
+            record = {"latent": f"latents/{stem}.npy", "name": stem, "shape": list(z.shape),
+                      "image_shape": [int(v) for v in prediction["image_shape"][i]]}
+            if "path" in prediction:
+                record["source"] = str(prediction["path"][i])
+            if "split" in prediction and prediction["split"][i]:
+                record["split"] = str(prediction["split"][i])
+            if "label" in prediction:
+                record["label"] = int(prediction["label"][i])
+            if "affine" in prediction:
+                record["affine"] = prediction["affine"][i].double().tolist()
+            if "mask" in prediction:
+                mask = prediction["mask"][i].numpy()
+                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16))
+                record["mask"] = f"masks/{stem}.png"
+            self._records.append(record)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        stats, records = self._stats, self._records
+        if trainer.world_size > 1:  # every rank calls: gather statistics and records
+            import torch.distributed as dist
+
+            gathered = [None] * trainer.world_size
+            dist.all_gather_object(gathered, (stats, records))
+            stats = torch.stack([g[0] for g in gathered])
+            stats = torch.tensor([stats[:, 0].min(), stats[:, 1].max(), *stats[:, 2:].sum(0)], dtype=torch.float64)
+            records = [r for g in gathered for r in g[1]]
+        if not trainer.is_global_zero:
+            return
+        low, high, n, total, squares = (float(v) for v in stats)
+        if self.scaling == "minmax":
+            shift, scale = (high + low) / 2, 2.0 / max(high - low, 1e-8)
+        else:
+            mean = total / n
+            shift, scale = mean, 1.0 / max((squares / n - mean * mean) ** 0.5, 1e-8)
+        data = trainer.datamodule
+        names = getattr(data, "class_names", None) if data is not None else None
+        save_json(self.output_dir / LATENT_MANIFEST, {
+            "kind": "medsynth latents",
+            "version": 1,
+            "scaling": {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high},
+            "autoencoder": {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha,
+                            **pl_module.latent_description()},
+            "class_names": names,
+            "records": sorted(records, key=lambda r: r["name"]),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__},
+        })

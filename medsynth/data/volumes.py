@@ -470,7 +470,7 @@ class VolumeDataset(Dataset):
         data, affine = read_volume(rec.image, self.channels)
         x, (low, high) = self.normalization.to_unit(data)
         item = {"image": x, "name": rec.name, "path": str(rec.image), "affine": torch.from_numpy(affine),
-                "norm_low": low, "norm_high": high, "index": index}
+                "norm_low": low, "norm_high": high, "index": index, "split": rec.split or ""}
         if rec.label is not None:
             item["label"] = rec.label
         return item

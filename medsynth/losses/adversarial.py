@@ -14,7 +14,8 @@ class AdversarialLoss(nn.Module):
     """Generator and discriminator losses for a MONAI ``PatchDiscriminator`` (Isola et al., 2017, pix2pix).
 
     The discriminator returns a list of feature maps whose last entry holds the patch logits. Its losses are
-    MONAI's ``PatchAdversarialLoss`` (hinge as in VQGAN/3D MedDiffusion, or least squares as in LSGAN); feature
+    MONAI's ``PatchAdversarialLoss`` (hinge as in VQGAN/3D MedDiffusion, on logits squashed by tanh; or least
+    squares as in LSGAN, after a leaky ReLU); the generator's hinge loss is the real-side hinge on its fakes. Feature
     matching (Wang et al., 2018, pix2pixHD) compares the intermediate feature maps of real and reconstructed
     inputs with L1.
 

@@ -18,6 +18,15 @@ from medsynth.nets.autoencoders import KLAutoencoder
 from medsynth.nets.tiling import encode_patchwise, reconstruct
 
 
+def _built_from_config() -> bool:
+    """Whether this module is being instantiated by LightningCLI (which hands its config over as hyperparameters)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: keep whatever save_hyperparameters sees
+        return True
+    return _given_hyperparameters.get() is not None
+
+
 class AutoencoderModule(L.LightningModule):
     """An image/volume autoencoder (KL-VAE or PatchVolume VQ) for latent diffusion, in 2D or 3D.
 
@@ -69,6 +78,12 @@ class AutoencoderModule(L.LightningModule):
             bounds memory for any volume size; 0 decodes the whole latent at once (no seams, memory grows with the
             volume, as the reference does).
         predict_overlap: overlap fraction between decoding tiles.
+        predict_output: what ``predict`` writes: ``reconstruction`` (images/volumes like the inputs) or ``latent``
+            (the encoding of each input plus a latent manifest for latent diffusion; ``configs/encode3d.yaml``).
+            Taken from the command line at predict, not from the checkpoint.
+        latent_scaling: how encoded latents are scaled for diffusion, recorded in the latent manifest:
+            ``minmax`` maps the dataset's latent range to [-1, 1] (3D MedDiffusion), ``std`` standardises to zero
+            mean and unit variance (Rombach et al., 2022).
     """
 
     def __init__(
@@ -95,9 +110,13 @@ class AutoencoderModule(L.LightningModule):
         predict_patch_size: Optional[int] = None,
         predict_tile: Optional[int] = None,
         predict_overlap: float = 0.25,
+        predict_output: Literal["reconstruction", "latent"] = "reconstruction",
+        latent_scaling: Literal["minmax", "std"] = "minmax",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "discriminator", "perceptual"])
+        # Built by the CLI, the nets arrive as config (class path + arguments) and are saved with the checkpoint so
+        # it rebuilds the module alone; built in Python, they are instances, which the weights already hold.
+        self.save_hyperparameters(ignore=None if _built_from_config() else ["net", "discriminator", "perceptual"])
         self.automatic_optimization = False
         self.net = net if net is not None else KLAutoencoder(spatial_dims=2, in_channels=image_channels)
         if self.net.in_channels != image_channels:
@@ -298,17 +317,38 @@ class AutoencoderModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         return self._evaluate(batch, "test")
 
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent ``(B, latent_channels, *padded_spatial / f)`` of a whole image or volume, patch by patch; sides
+        are padded (with -1, background) to a multiple of the predict patch."""
+        patch = self.hparams.predict_patch_size or self.image_size
+        return encode_patchwise(self.net.encode, x, patch, self.net.downsample_factor)
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         if "image" not in batch:
-            raise MedsynthError("reconstruction needs images, but the prediction data gives none")
-        out = {"reconstruction": self.reconstruct(batch["image"]).float().clamp(-1, 1).cpu()}
+            raise MedsynthError("the autoencoder needs images to predict from, but the data gives none "
+                                "(2D: --data.predict_images true)")
+        if self.hparams.predict_output == "latent":
+            out = {"latent": self.encode(batch["image"]).float().cpu(),
+                   "image_shape": [list(batch["image"].shape[2:])] * batch["image"].shape[0]}
+        else:
+            out = {"reconstruction": self.reconstruct(batch["image"]).float().clamp(-1, 1).cpu()}
         for key, value in batch.items():
             if key != "image":
                 out[key] = value.cpu() if isinstance(value, Tensor) else value
         return out
 
-    def prediction_writer(self, output_dir: Path, metadata: dict):
-        """The callback that writes this module's predictions (reconstructions) under ``output_dir``."""
-        from medsynth.callbacks.writers import ReconstructionWriter
+    def latent_description(self) -> dict:
+        """What a latent manifest records about the autoencoder that made the latents."""
+        return {"class_path": f"{type(self.net).__module__}.{type(self.net).__name__}",
+                "spatial_dims": self.net.spatial_dims, "latent_channels": self.net.latent_channels,
+                "downsample_factor": self.net.downsample_factor,
+                "patch_size": self.hparams.predict_patch_size or self.image_size}
 
+    def prediction_writer(self, output_dir: Path, metadata: dict):
+        """The callback that writes this module's predictions (reconstructions or latents) under ``output_dir``."""
+        from medsynth.callbacks.writers import LatentWriter, ReconstructionWriter
+
+        if self.hparams.predict_output == "latent":
+            return LatentWriter(output_dir, metadata=metadata, scaling=self.hparams.latent_scaling)
         return ReconstructionWriter(output_dir, metadata=metadata)

@@ -87,6 +87,18 @@ class DiffusionModule(L.LightningModule):
             [-1, 1], decoded by argmax at predict; linked from the data).
         compile: compile the net with ``torch.compile`` (inside ``configure_model``, so state-dict keys and
             checkpoints are unchanged); pays off on GPUs for long runs.
+        sample_shape: spatial shape of sampled images (2D/3D; latent voxels in latent space), e.g. ``[16, 16, 16]``
+            (linked from the data; default ``image_size`` squared). Sizes the net cannot produce are refused before
+            sampling starts.
+        latent_space: set when the model learns autoencoder latents (linked from a
+            :class:`~medsynth.data.LatentDataModule`): the latents' scaling (``shift``, ``scale``), the autoencoder
+            checkpoint and its SHA-256, channels, downsampling factor and the output voxel spacing. Samples are
+            unscaled and decoded with that autoencoder, which is loaded only to sample, frozen, and never part of
+            the trained weights, the checkpoint or the EMA average.
+        autoencoder: an autoencoder checkpoint to decode with instead of the one the latents name (it must be
+            the same file: its SHA-256 is checked). Taken from the command line at predict.
+        decode_tile: latent tile side for decoding large samples in overlapping, blended tiles; ``None`` uses the
+            autoencoder's own default, 0 decodes whole. Taken from the command line at predict.
     """
 
     def __init__(
@@ -109,6 +121,10 @@ class DiffusionModule(L.LightningModule):
         sample_seed: int = 0,
         output: Literal["image", "mask"] = "image",
         compile: bool = False,
+        sample_shape: Optional[list[int]] = None,
+        latent_space: Optional[dict] = None,
+        autoencoder: Optional[Path] = None,
+        decode_tile: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ablation_prob <= 1.0:
@@ -132,6 +148,11 @@ class DiffusionModule(L.LightningModule):
         self.sample_seed = sample_seed
         self.compile_net = compile
         self.output = output
+        self.sample_shape = list(sample_shape) if sample_shape else None
+        self.latent_space = dict(latent_space) if latent_space else None
+        self.autoencoder = Path(autoencoder) if autoencoder else None
+        self.decode_tile = decode_tile
+        self._codec = None  # the frozen autoencoder, loaded to sample; kept out of the module's children
         self.objective = objective if objective is not None else DDPMObjective()
         self.sampler = sampler if sampler is not None else DDIMSampler()
         self.sampler.check(self.objective)
@@ -284,7 +305,10 @@ class DiffusionModule(L.LightningModule):
             n = len(indices)
         else:
             raise ValueError("sample() needs masks, labels or sample indices")
-        spatial = tuple(mask.shape[1:]) if mask is not None else (self.image_size, self.image_size)
+        if mask is not None:
+            spatial = tuple(mask.shape[1:])
+        else:
+            spatial = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
         indices = list(range(n)) if indices is None else [int(i) for i in indices]
         generators = sample_generators(self.sample_seed if seed is None else seed, indices)
         batch = {k: v.to(self.device) for k, v in (("mask", mask), ("label", labels)) if v is not None}
@@ -317,9 +341,63 @@ class DiffusionModule(L.LightningModule):
         x = (sampler or self.sampler).sample(denoise, noise, self.objective, generators)
         return x.clamp(-1, 1)
 
+    # ----------------------------------------------------------------- latent space
+    def codec(self):
+        """The frozen autoencoder that decodes latent samples (loaded once, checked against the latents)."""
+        if self.latent_space is None:
+            return None
+        if self._codec is None:
+            from medsynth.modules.loading import load_module
+            from medsynth.provenance import file_sha256
+
+            path = self.autoencoder or self.latent_space.get("autoencoder")
+            if not path:
+                raise MedsynthError("this model learns latents but no autoencoder checkpoint is known: "
+                                    "--model.autoencoder AE.ckpt")
+            path = Path(path)
+            if not path.is_file():
+                raise MedsynthError(f"{path}: autoencoder checkpoint does not exist (give --model.autoencoder AE.ckpt)")
+            expected = self.latent_space.get("autoencoder_sha256")
+            if expected and file_sha256(path) != expected:
+                raise MedsynthError(f"{path}: not the autoencoder these latents were encoded with (SHA-256 differs "
+                                    f"from the latent manifest's {expected[:12]})")
+            codec = load_module(path)
+            net = getattr(codec, "net", None)
+            if getattr(net, "latent_channels", None) != self.image_channels:
+                raise MedsynthError(f"{path}: the autoencoder has {getattr(net, 'latent_channels', None)} latent "
+                                    f"channels but this model generates {self.image_channels}")
+            for p in codec.parameters():
+                p.requires_grad_(False)
+            object.__setattr__(self, "_codec", codec)  # not a child module: not trained, saved or averaged
+        self._codec.to(self.device)
+        return self._codec
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images/volumes in [-1, 1] from scaled latent samples ``(B, C, *latent_spatial)``."""
+        codec = self.codec()
+        z = z.float() / float(self.latent_space["scale"]) + float(self.latent_space["shift"])
+        from medsynth.nets.tiling import decode_tiled
+
+        factor = codec.net.downsample_factor
+        tile = self.decode_tile if self.decode_tile is not None else 2 * codec.image_size // factor
+        with torch.no_grad():
+            return decode_tiled(codec.net.decode, z, tile or max(z.shape[2:]), factor,
+                                overlap=codec.hparams.predict_overlap).clamp(-1, 1)
+
+    def check_predict_inputs(self) -> None:
+        """Refuse, before anything is written, an autoencoder that does not fit and a sample shape the net cannot
+        produce (the CLI calls this)."""
+        self.codec()
+        shape = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
+        check = getattr(self.net, "check_spatial_shape", None)
+        if check is not None:
+            check(shape)
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         indices = batch["index"].tolist()
         samples = self.sample(batch.get("mask"), batch.get("label"), indices=indices)
+        if self.latent_space is not None:
+            samples = self.decode(samples)
         out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}
         if self.output == "mask":  # a mask generator: its channels are one-hot classes
             out["generated_mask"] = samples.argmax(1).cpu()

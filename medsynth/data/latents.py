@@ -1,0 +1,320 @@
+"""Latents written by an autoencoder (``predict`` with ``predict_output: latent``), for latent diffusion.
+
+A latent manifest (``latents.json``, written by :class:`~medsynth.callbacks.writers.LatentWriter`) lists one
+``.npy`` per encoded input with its split, class label, mask and source affine, the scaling to apply
+(``(z - shift) * scale``) and the autoencoder that made them (checkpoint, SHA-256, channels, downsampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from medsynth.data.manifest import load_json
+from medsynth.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_latent_manifest(path: str | Path) -> dict:
+    """Read and check a latent manifest; record paths become absolute.
+
+    Raises:
+        DataError: not a latent manifest, a missing latent file, latents that disagree in channel count or
+            dimensionality, or records made by another autoencoder or scaling than the manifest names.
+    """
+    path = Path(path)
+    raw = load_json(path, "latent manifest")
+    if not isinstance(raw, dict) or raw.get("kind") != "medsynth latents":
+        raise DataError(f"{path}: not a latent manifest (write one with `medsynth predict --config configs/encode3d.yaml`)")
+    scaling, ae = raw.get("scaling") or {}, raw.get("autoencoder") or {}
+    if not {"shift", "scale"} <= set(scaling) or not float(scaling["scale"]) > 0:
+        raise DataError(f"{path}: latent manifest without a valid scaling (shift, scale > 0)")
+    records = raw.get("records")
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path}: latent manifest lists no latents")
+    root = Path(os.path.abspath(path.parent))
+    channels = ae.get("latent_channels")
+    shapes = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or not isinstance(rec.get("latent"), str):
+            raise DataError(f"{path}: record {i} has no 'latent' file")
+        for key in ("scaling", "autoencoder_sha256"):  # per-record values (merged manifests) must agree
+            if key in rec and rec[key] != (scaling if key == "scaling" else ae.get("sha256")):
+                raise DataError(f"{path}: record {i} ({rec['latent']}) was made with another {key.replace('_', ' ')} "
+                                "than the manifest's; encode all volumes with one autoencoder run")
+        file = Path(os.path.normpath(root / rec["latent"]))
+        if not file.is_relative_to(root):
+            raise DataError(f"{path}: record {i} path '{rec['latent']}' leaves the manifest's folder")
+        if not file.is_file():
+            raise DataError(f"{file}: latent file listed in {path} does not exist")
+        try:
+            shape = np.load(file, mmap_mode="r").shape
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{file}: unreadable latent ({type(exc).__name__})") from None
+        if channels is not None and shape[0] != channels:
+            raise DataError(f"{file}: {shape[0]} latent channels, but the manifest's autoencoder has {channels}")
+        if shapes and (shape[0] != shapes[0][0] or len(shape) != len(shapes[0])):
+            raise DataError(f"{file}: latent of shape {list(shape)} disagrees with {list(shapes[0])} in channels or "
+                            "dimensions")
+        if rec.get("split", "train") not in SPLITS:
+            raise DataError(f"{path}: record {i} has split '{rec['split']}'; expected one of {', '.join(SPLITS)}")
+        if "label" in rec and (not isinstance(rec["label"], int) or rec["label"] < 0):
+            raise DataError(f"{path}: record {i} label {rec['label']!r} is not an integer >= 0")
+        rec = dict(rec, latent=str(file))
+        if rec.get("mask"):
+            rec["mask"] = str(Path(os.path.normpath(root / rec["mask"])))
+        records[i] = rec
+        shapes.append(shape)
+    return raw
+
+
+def _split_of(name: str, val_fraction: float) -> str:
+    return "val" if int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction else "train"
+
+
+class LatentDataset(Dataset):
+    """Scaled latents ``image`` ``(C, *spatial)`` (+ ``label``, + ``mask`` resized to the latent grid), randomly
+    cropped to ``crop_size`` and flipped when training."""
+
+    def __init__(self, records: list[dict], shift: float, scale: float, crop_size: Optional[int] = None,
+                 random_flip: bool = False, num_classes: int = 0) -> None:
+        self.records, self.shift, self.scale = records, shift, scale
+        self.crop_size, self.random_flip, self.num_classes = crop_size, random_flip, num_classes
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        z = (torch.from_numpy(np.load(rec["latent"]).astype(np.float32)) - self.shift) * self.scale
+        item: dict = {"index": index, "name": rec["name"]}
+        mask = None
+        if self.num_classes > 0:
+            from medsynth.data.image2d import read_mask
+
+            m = torch.from_numpy(read_mask(Path(rec["mask"]), self.num_classes).astype(np.int64))
+            mask = F.interpolate(m[None, None].float(), size=z.shape[1:], mode="nearest")[0, 0].long()
+        if self.crop_size:
+            starts = [int(torch.randint(0, s - self.crop_size + 1, ())) for s in z.shape[1:]]
+            window = tuple(slice(a, a + self.crop_size) for a in starts)
+            z = z[(slice(None), *window)]
+            mask = mask[window] if mask is not None else None
+        if self.random_flip:
+            for axis in range(1, z.ndim):
+                if torch.rand(()) < 0.5:
+                    z = z.flip(axis)
+                    mask = mask.flip(axis - 1) if mask is not None else None
+        item["image"] = z.contiguous()
+        if mask is not None:
+            item["mask"] = mask.contiguous()
+        if "label" in rec:
+            item["label"] = rec["label"]
+        return item
+
+
+class GenerationDataset(Dataset):
+    """The inputs of latent sampling: ``num`` items per class (or ``num`` in all), each a name and index."""
+
+    def __init__(self, num: int, class_names: Optional[list[str]]) -> None:
+        self.labels = [label for label in range(len(class_names)) for _ in range(num)] if class_names else [None] * num
+        self.class_names = class_names
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        label = self.labels[index]
+        item = {"index": index, "name": f"sample_{index:05d}"}
+        if label is not None:
+            item["label"] = label
+            item["folder"] = self.class_names[label]
+        return item
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Latents of images or volumes (from ``latents.json``) for latent diffusion, with class labels or masks.
+
+    Training reads the scaled latents (``(z - shift) * scale``), randomly cropped to ``crop_size`` latent voxels
+    (or whole, when all latents share a shape). ``predict`` samples ``num_samples`` latents per class (or in all,
+    unlabelled), or one per mask of ``predict_split`` for mask-guided models; the model decodes them with the
+    autoencoder named in the manifest.
+
+    Args:
+        manifest: the latent manifest ``latents.json`` written by ``medsynth predict --config configs/encode3d.yaml``
+            (or the 2D encoding recipe).
+        num_classes: mask classes counting background for mask-guided latent diffusion (masks are resized to the
+            latent grid, nearest neighbour); 0 ignores masks.
+        crop_size: side in latent voxels of random training crops; ``None`` trains on whole latents (they must
+            share a shape).
+        val_fraction: share of latents without a split that validate (chosen by a hash of the name).
+        batch_size: latents per batch (per device).
+        num_workers: DataLoader worker processes.
+        random_flip: flip training latents (and masks) along each axis at random.
+        num_samples: latents ``predict`` samples per class (class-conditional) or in all.
+        output_shape: spatial shape in image voxels of generated images/volumes (each side a multiple of the
+            autoencoder's downsampling factor); default: the training latents' shape (the crop, if cropping).
+        spacing: voxel spacing in mm written into generated NIfTI volumes; default: the source volumes' spacing
+            (from their affines) when they all agree, else 1 mm.
+        predict_split: the split whose masks condition sampling (mask-guided models).
+    """
+
+    def __init__(
+        self,
+        manifest: Optional[Path] = None,
+        num_classes: int = 0,
+        crop_size: Optional[int] = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        random_flip: bool = True,
+        num_samples: int = 4,
+        output_shape: Optional[list[int]] = None,
+        spacing: Optional[list[float]] = None,
+        predict_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if num_classes < 0 or num_classes == 1:
+            raise DataError(f"data.num_classes={num_classes}: use 0 (no masks) or >= 2 (counting background)")
+        self.save_hyperparameters()
+        self.manifest = Path(manifest) if manifest is not None else None
+        self.num_classes = num_classes
+        self.crop_size = crop_size
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.num_samples = num_samples
+        self.output_shape = list(output_shape) if output_shape else None
+        self.spacing = list(spacing) if spacing else None
+        self.predict_split = predict_split
+        self._info: Optional[dict] = None
+        self.datasets: dict[str, Dataset] = {}
+
+    # -- the manifest
+
+    @property
+    def info(self) -> dict:
+        """The checked latent manifest (read once)."""
+        if self._info is None:
+            if self.manifest is None:
+                raise DataError("data.manifest is not set: give the latents.json written by the encoding step")
+            self._info = read_latent_manifest(self.manifest)
+        return self._info
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        names = self.info.get("class_names")
+        labels = [r["label"] for r in self.info["records"] if "label" in r]
+        if names is None and labels:
+            names = [str(i) for i in range(max(labels) + 1)]
+        return list(names) if names else None
+
+    def records(self, split: str) -> list[dict]:
+        out = [r for r in self.info["records"] if r.get("split") or _split_of(r["name"], self.val_fraction)]
+        out = [r for r in out if (r.get("split") or _split_of(r["name"], self.val_fraction)) == split]
+        if split == "val" and not out:  # a tiny set without explicit splits: validate on the training latents
+            out = self.records("train")
+        if not out:
+            raise DataError(f"{self.manifest}: empty split '{split}': no latents")
+        if self.num_classes > 0:
+            for r in out:
+                if not r.get("mask"):
+                    raise DataError(f"{self.manifest}: latent '{r['name']}' has no mask but data.num_classes="
+                                    f"{self.num_classes} asks for masks")
+        return out
+
+    def latent_shape(self) -> list[int]:
+        """Spatial shape of the latents the model learns (the crop, or the common whole shape)."""
+        shapes = {tuple(r["shape"][1:]) for r in self.info["records"]}
+        dims = len(next(iter(shapes)))
+        if self.crop_size:
+            small = [s for s in shapes if min(s) < self.crop_size]
+            if small:
+                raise DataError(f"{self.manifest}: data.crop_size={self.crop_size} is larger than a latent of shape "
+                                f"{list(small[0])}")
+            return [self.crop_size] * dims
+        if len(shapes) > 1:
+            raise DataError(f"{self.manifest}: latents of different shapes {sorted(shapes)[:2]}; set data.crop_size")
+        return list(next(iter(shapes)))
+
+    def sample_shape(self) -> list[int]:
+        """Spatial latent shape that ``predict`` samples: ``output_shape`` / factor, else the training shape."""
+        factor = int(self.info["autoencoder"].get("downsample_factor", 1))
+        if self.output_shape is None:
+            return self.latent_shape()
+        bad = [s for s in self.output_shape if s % factor]
+        if bad or len(self.output_shape) != len(self.latent_shape()):
+            raise DataError(f"data.output_shape={self.output_shape}: give {len(self.latent_shape())} sides, each a "
+                            f"multiple of the autoencoder's downsampling factor {factor}")
+        return [s // factor for s in self.output_shape]
+
+    def voxel_spacing(self) -> list[float]:
+        if self.spacing:
+            return self.spacing
+        spacings = {tuple(round(float(np.linalg.norm(np.asarray(r["affine"])[:3, i])), 4) for i in range(3))
+                    for r in self.info["records"] if "affine" in r}
+        return list(next(iter(spacings))) if len(spacings) == 1 else [1.0, 1.0, 1.0]
+
+    def model_args(self) -> dict:
+        """What the model must know about these latents (linked into the model's arguments by the CLI)."""
+        info, ae, scaling = self.info, self.info["autoencoder"], self.info["scaling"]
+        shape = self.latent_shape()
+        return {
+            "num_classes": self.num_classes, "image_channels": int(info["records"][0]["shape"][0]),
+            "image_size": int(shape[0]), "class_names": self.class_names, "output": "image",
+            "sample_shape": self.sample_shape(),
+            "latent_space": {"autoencoder": ae.get("checkpoint"), "autoencoder_sha256": ae.get("sha256"),
+                             "shift": float(scaling["shift"]), "scale": float(scaling["scale"]),
+                             "latent_channels": ae.get("latent_channels"),
+                             "downsample_factor": ae.get("downsample_factor"),
+                             "spacing": self.voxel_spacing()},
+        }
+
+    # -- datasets
+
+    def _dataset(self, split: str, train: bool = False) -> LatentDataset:
+        s = self.info["scaling"]
+        crop = self.crop_size if train or self.crop_size else None
+        return LatentDataset(self.records(split), float(s["shift"]), float(s["scale"]), crop,
+                             random_flip=train and self.random_flip, num_classes=self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        self.latent_shape()  # shapes agree (or a crop is given) before anything runs
+        if stage == "fit":
+            self.datasets["train"] = self._dataset("train", train=True)
+            self.datasets["val"] = self._dataset("val")
+        elif stage == "validate":
+            self.datasets["val"] = self._dataset("val")
+        elif stage == "test":
+            self.datasets["test"] = self._dataset("test")
+        elif stage == "predict":
+            if self.num_classes > 0:
+                self.datasets["predict"] = self._dataset(self.predict_split)
+            else:
+                self.datasets["predict"] = GenerationDataset(self.num_samples, self.class_names)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0 and split == "train",
+                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

@@ -1,0 +1,113 @@
+"""The 3D latent chain through the CLI: autoencoder → encode → BiFlowNet → generated NIfTI volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medsynth.cli import main
+from medsynth.data.latents import LatentDataModule, LatentDataset
+from medsynth.provenance import provenance
+from tests.integration.test_autoencoder_cli import write_volumes
+
+ROOT = Path(__file__).resolve().parents[2]
+AE = ["--config", str(ROOT / "configs/ae3d.yaml"), "--config", str(ROOT / "configs/tests/tiny_ae3d.yaml")]
+ENCODE = ["--config", str(ROOT / "configs/encode3d.yaml")]
+LDM = ["--config", str(ROOT / "configs/biflownet3d.yaml"), "--config", str(ROOT / "configs/tests/tiny_biflownet3d.yaml")]
+
+
+@pytest.fixture
+def encoded(tmp_path):
+    """A tiny autoencoder trained on 3 labelled volumes, and their latents."""
+    affines = write_volumes(tmp_path / "vols", {"a": (20, 24, 16), "b": (18, 16, 22), "c": (16, 20, 17)})
+    manifest = tmp_path / "vols" / "manifest.json"
+    manifest.write_text(json.dumps([{"image": "a.nii.gz", "split": "train", "label": 0},
+                                    {"image": "b.nii.gz", "split": "train", "label": 1},
+                                    {"image": "c.nii.gz", "split": "val", "label": 1}]))
+    main(["fit", *AE, "--data.manifest", str(manifest), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", str(tmp_path / "ae")])
+    ae_ckpt = tmp_path / "ae" / "checkpoints" / "last.ckpt"
+    latents = tmp_path / "latents"
+    main(["predict", *ENCODE, "--ckpt_path", str(ae_ckpt), "--data.manifest", str(manifest),
+          "--output_dir", str(latents)])
+    return {"manifest": manifest, "affines": affines, "ae": ae_ckpt, "latents": latents}
+
+
+def test_encoding_writes_latents_and_a_manifest_whose_scaling_round_trips(encoded):
+    info = json.loads((encoded["latents"] / "latents.json").read_text())
+    assert info["autoencoder"]["latent_channels"] == 4 and info["autoencoder"]["downsample_factor"] == 2
+    assert info["class_names"] == ["0", "1"]
+    recs = {r["name"]: r for r in info["records"]}
+    assert set(recs) == {"a", "b", "c"} and recs["b"]["label"] == 1 and recs["c"]["split"] == "val"
+    np.testing.assert_allclose(recs["a"]["affine"], encoded["affines"]["a"])
+    assert recs["a"]["shape"] == [4, 12, 12, 8]  # 20x24x16 padded to the 8-voxel patch, halved
+    # min-max scaling maps the dataset's latents onto [-1, 1]; undoing it gives the raw latents back exactly
+    dm = LatentDataModule(manifest=encoded["latents"] / "latents.json", num_workers=0, crop_size=8)
+    s = info["scaling"]
+    whole = LatentDataset(dm.info["records"], s["shift"], s["scale"])  # uncropped, unflipped
+    scaled = {whole[i]["name"]: whole[i]["image"] for i in range(len(whole))}
+    assert min(float(z.min()) for z in scaled.values()) == pytest.approx(-1, abs=1e-5)
+    assert max(float(z.max()) for z in scaled.values()) == pytest.approx(1, abs=1e-5)
+    raw = np.load(encoded["latents"] / "latents" / "c.npy")
+    np.testing.assert_allclose(scaled["c"].numpy() / s["scale"] + s["shift"], raw, rtol=1e-5, atol=1e-5)
+    assert dm.model_args()["sample_shape"] == [8, 8, 8] and dm.model_args()["image_channels"] == 4
+    # and the raw latents decode to what the autoencoder reconstructs
+    from medsynth.modules.loading import load_module
+
+    ae = load_module(encoded["ae"])
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    z = ae.encode(x)
+    z_scaled = (z - s["shift"]) * s["scale"]
+    torch.testing.assert_close(ae.net.decode(z_scaled / s["scale"] + s["shift"]), ae.net.decode(z), rtol=1e-4, atol=1e-4)
+
+
+def test_fit_on_latents_then_generate_nifti_volumes_per_class(encoded, tmp_path):
+    run = tmp_path / "ldm"
+    main(["fit", *LDM, "--data.manifest", str(encoded["latents"] / "latents.json"), "--trainer.default_root_dir", str(run)])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert not any(k.startswith("_codec") for k in state)  # the autoencoder is not part of the trained weights
+    out = tmp_path / "generated"
+    main(["predict", *LDM, "--ckpt_path", str(ckpt), "--data.output_shape", "[16, 24, 16]",
+          "--data.spacing", "[1.2, 1.1, 1.5]", "--output_dir", str(out)])
+    for cls in ("0", "1"):
+        files = sorted((out / cls).glob("*.nii.gz"))
+        assert len(files) == 2
+        img = nib.load(files[0])
+        assert img.shape == (16, 24, 16)
+        np.testing.assert_allclose(img.header.get_zooms(), (1.2, 1.1, 1.5), rtol=1e-5)
+        assert np.isfinite(img.get_fdata()).all() and np.abs(img.get_fdata()).max() <= 1.0 + 1e-6
+        assert provenance(files[0])["synthetic"] is True
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["synthetic"] is True and meta["num_samples"] == 4 and meta["class_names"] == ["0", "1"]
+
+
+def test_generation_refuses_sizes_the_net_cannot_make_and_foreign_autoencoders(encoded, tmp_path, capsys):
+    run = tmp_path / "ldm"
+    main(["fit", *LDM, "--data.manifest", str(encoded["latents"] / "latents.json"), "--trainer.max_steps", "1",
+          "--trainer.default_root_dir", str(run)])
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as e:  # 18 voxels -> 9 latent voxels: not a multiple of the DiT sub-volume (4)
+        main(["predict", *LDM, "--ckpt_path", ckpt, "--data.output_shape", "[18, 16, 16]", "--output_dir", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medsynth: error:")
+    assert not out.exists() or not any(out.iterdir())
+    # another autoencoder file than the one that encoded the latents
+    other = tmp_path / "other.ckpt"
+    ck = torch.load(encoded["ae"], weights_only=False)
+    ck["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+    torch.save(ck, other)
+    with pytest.raises(SystemExit) as e:
+        main(["predict", *LDM, "--ckpt_path", ckpt, "--model.autoencoder", str(other), "--output_dir", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(other) in err[0] and "not the autoencoder" in err[0]
+    assert not out.exists() or not any(out.iterdir())
