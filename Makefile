@@ -19,9 +19,11 @@ DEMO_CKPT   := $(DEMO_RUN)/checkpoints/last.ckpt
 AE3D_DEMO_CONFIG := --config configs/ae3d.yaml --config configs/experiments/ae3d_demo.yaml
 AE3D_DEMO_RUN    := runs/ae3d_demo
 AE3D_DEMO_CKPT   := $(AE3D_DEMO_RUN)/checkpoints/last.ckpt
+LDM3D_DEMO_CONFIG := --config configs/biflownet3d.yaml --config configs/experiments/biflownet3d_demo.yaml
+DEMO3D_RUN        := runs/demo3d
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae3d test test-all quick-test overfit fit sample export status clean lint
+.PHONY: help install demo demo-ae3d demo-3d test test-all quick-test overfit fit sample export status clean lint
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
@@ -45,6 +47,16 @@ demo-ae3d: install ## 3D: VQ autoencoder on MNI152 T1 patches (CPU, ~8 min), the
 	$(BIN)/medsynth fit $(AE3D_DEMO_CONFIG) $(if $(wildcard $(AE3D_DEMO_CKPT)),--ckpt_path $(AE3D_DEMO_CKPT)) $(ARGS)
 	$(BIN)/medsynth predict $(AE3D_DEMO_CONFIG) --ckpt_path $(AE3D_DEMO_CKPT) --output_dir $(AE3D_DEMO_RUN)/predictions --overwrite
 	@echo "reconstructions: $(AE3D_DEMO_RUN)/predictions/*.nii.gz, training pictures: $(AE3D_DEMO_RUN)/reconstructions/"
+
+demo-3d: install ## 3D chain on MNI152: autoencoder (demo-ae3d's), encode, BiFlowNet, generate NIfTI (CPU, ~15 min)
+	$(if $(wildcard $(AE3D_DEMO_CKPT)),,$(BIN)/medsynth fit $(AE3D_DEMO_CONFIG))
+	$(BIN)/medsynth predict --config configs/encode3d.yaml --ckpt_path $(AE3D_DEMO_CKPT) \
+	  --data medsynth.data.MNI152VolumeDataModule --output_dir $(DEMO3D_RUN)/latents --overwrite
+	$(BIN)/medsynth fit $(LDM3D_DEMO_CONFIG) --data.manifest $(DEMO3D_RUN)/latents/latents.json \
+	  $(if $(wildcard $(DEMO3D_RUN)/ldm/checkpoints/last.ckpt),--ckpt_path $(DEMO3D_RUN)/ldm/checkpoints/last.ckpt) $(ARGS)
+	$(BIN)/medsynth predict $(LDM3D_DEMO_CONFIG) --ckpt_path $(DEMO3D_RUN)/ldm/checkpoints/last.ckpt \
+	  --output_dir $(DEMO3D_RUN)/generated --overwrite
+	@echo "generated volumes: $(DEMO3D_RUN)/generated/samples/*.nii.gz (grid.png: orthogonal mid-slices)"
 
 test: install ## the default test suite (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -251,7 +252,10 @@ class MedsynthCLI(LightningCLI):
         if not saved or data is None:
             return
         init = data["init_args"]
+        _, model_args = checkpoint_model_config(ckpt_path)
         for k in MODEL_DESCRIBING_DATA_ARGS:  # also across data classes (e.g. the 3D demo's model on user volumes)
+            if k == "num_classes" and "num_classes" not in model_args:
+                continue  # a model blind to masks (an autoencoder) leaves the class count to the command line
             if k in saved and k in init:
                 init[k] = saved[k]
         if saved.get("_class_path") != data.get("class_path"):
@@ -294,8 +298,9 @@ class MedsynthCLI(LightningCLI):
             return
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
         current = getattr(self.model, "hparams", {})
+        takes = inspect.signature(type(self.model).__init__).parameters
         for name in DATA_TO_MODEL:
-            if name == "sample_shape":  # the output size may change at predict
+            if name == "sample_shape" or name not in takes:  # output size may change; facts the model ignores
                 continue
             if name == "latent_space" and saved.get(name) and current.get(name):
                 a, b = ({k: d.get(k) for k in LATENT_SPACE_IDENTITY} for d in (saved[name], current[name]))

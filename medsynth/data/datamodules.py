@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from medsynth.data.image2d import (
+    SPLITS,
     ImageRecord,
     IndexDataset,
     SegGuidedImageDataset,
@@ -41,7 +42,8 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         batch_size: examples per batch (per device).
         num_workers: DataLoader worker processes.
         random_flip: flip training images and masks left-right at random.
-        predict_split: the split whose masks condition sampling.
+        predict_split: the split whose masks condition sampling (``all``: every split present, e.g. to encode
+            the whole dataset with an autoencoder).
         num_samples: how many images ``predict`` samples for an unconditional model.
         predict_images: ``predict`` reads the images of ``predict_split`` (with their masks when
             ``num_classes > 0``) instead of masks alone: what an autoencoder reconstructs or encodes.
@@ -129,6 +131,22 @@ class SegGuidedImageDataModule(L.LightningDataModule):
             intensity_range=self.intensity_range,
         )
 
+    def _present_splits(self) -> list[str]:
+        if self.manifest is not None:
+            present = {r.split for r in read_manifest(self.manifest)}
+        else:
+            root = self.img_dir if self.predict_images or not self.conditional else self.seg_dir / self.seg_type
+            present = {s for s in SPLITS if root is not None and (Path(root) / s).is_dir()}
+        return [s for s in SPLITS if s in present]
+
+    def _predict_dataset(self) -> SegGuidedImageDataset:
+        """The predict split's masks (and images with ``predict_images``); ``all`` joins every split present."""
+        if self.predict_split != "all":
+            return self._dataset(self.predict_split, need_images=self.predict_images)
+        records = [r for split in self._present_splits() for r in self.records(split, self.predict_images)]
+        return SegGuidedImageDataset(records, image_size=self.image_size, channels=self.channels,
+                                     num_classes=max(self.num_classes, 1), intensity_range=self.intensity_range)
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.datasets["train"] = self._dataset("train", random_flip=self.random_flip)
@@ -139,7 +157,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
             self.datasets["test"] = self._dataset("test")
         elif stage == "predict":
             if self.conditional or self.predict_images:
-                ds = self._dataset(self.predict_split, need_images=self.predict_images)
+                ds = self._predict_dataset()
                 stems = [Path(r.name).stem for r in ds.records]  # outputs are named by stem
                 dupes = sorted({n for n in stems if stems.count(n) > 1})
                 if dupes:

@@ -269,7 +269,7 @@ class SegGuidedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        item: dict = {"name": rec.name, "index": index}
+        item: dict = {"name": rec.name, "index": index, "split": rec.split}
         flip = self.random_flip and torch.rand(()) < 0.5
         if rec.image is not None:
             arr = to_unit_range(read_image(rec.image, self.channels), self.intensity_range)

@@ -103,6 +103,8 @@ class LatentDataset(Dataset):
 
             m = torch.from_numpy(read_mask(Path(rec["mask"]), self.num_classes).astype(np.int64))
             mask = F.interpolate(m[None, None].float(), size=z.shape[1:], mode="nearest")[0, 0].long()
+            if not self.crop_size:
+                item["image_mask"] = m  # at image resolution: what a sample decoded from this latent should follow
         if self.crop_size:
             starts = [int(torch.randint(0, s - self.crop_size + 1, ())) for s in z.shape[1:]]
             window = tuple(slice(a, a + self.crop_size) for a in starts)

@@ -404,6 +404,8 @@ class DiffusionModule(L.LightningModule):
         for key in ("mask", "label", "synthetic_mask"):
             if key in batch:
                 out[key] = batch[key].cpu()
+        if "image_mask" in batch and self.latent_space is not None:  # the mask at the decoded image's resolution
+            out["mask"] = batch["image_mask"].cpu()
         if "folder" in batch:
             out["folder"] = list(batch["folder"])
         return out

@@ -111,3 +111,38 @@ def test_generation_refuses_sizes_the_net_cannot_make_and_foreign_autoencoders(e
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(other) in err[0] and "not the autoencoder" in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_2d_chain_vae_encode_ldm_sample_follows_the_masks_layout(tmp_path, seg_dataset):
+    img_dir, seg_dir = seg_dataset
+    vae = ["--config", str(ROOT / "configs/vae2d.yaml"), "--model.net.init_args.channels", "[8, 16]",
+           "--model.net.init_args.num_res_blocks", "1", "--model.net.init_args.norm_num_groups", "4",
+           "--model.discriminator", "null", "--data.image_size", "16", "--data.batch_size", "4",
+           "--data.num_workers", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *vae, "--data.img_dir", str(img_dir), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", str(tmp_path / "vae")])
+    latents = tmp_path / "latents"
+    main(["predict", "--config", str(ROOT / "configs/encode2d.yaml"), "--ckpt_path",
+          str(tmp_path / "vae/checkpoints/last.ckpt"), "--data.img_dir", str(img_dir), "--data.seg_dir", str(seg_dir),
+          "--data.num_classes", "3", "--data.num_workers", "0", "--output_dir", str(latents)])
+    info = json.loads((latents / "latents.json").read_text())
+    assert len(info["records"]) == 16 and {r["split"] for r in info["records"]} == {"train", "val", "test"}
+    assert all((latents / r["mask"]).is_file() for r in info["records"]) and info["scaling"]["method"] == "std"
+
+    ldm = ["--config", str(ROOT / "configs/ldm2d.yaml"), "--model.net.init_args.block_out_channels", "[8, 16]",
+           "--model.net.init_args.attention_levels", "[false, false]", "--model.net.init_args.layers_per_block", "1",
+           "--model.net.init_args.norm_num_groups", "4", "--model.sampler.init_args.num_inference_steps", "2",
+           "--data.num_classes", "3", "--data.batch_size", "4", "--data.num_workers", "0",
+           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *ldm, "--data.manifest", str(latents / "latents.json"), "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", str(tmp_path / "ldm")])
+    out = tmp_path / "samples"
+    main(["predict", *ldm, "--ckpt_path", str(tmp_path / "ldm/checkpoints/last.ckpt"), "--output_dir", str(out)])
+    names = sorted(p.stem for p in (img_dir / "test").glob("*.png"))
+    assert sorted(p.stem for p in (out / "samples").glob("*.npy")) == names
+    assert np.load(out / "samples" / f"{names[0]}.npy").shape == (1, 16, 16)  # decoded to image size
+    from PIL import Image
+
+    written = np.array(Image.open(out / "masks" / f"{names[0]}.png"))
+    original = np.array(Image.open(seg_dir / "all" / "test" / f"{names[0]}.png").resize((16, 16), Image.NEAREST))
+    assert written.shape == (16, 16) and (written == original).mean() > 0.9  # the conditioning mask, full size

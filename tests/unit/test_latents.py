@@ -1,0 +1,114 @@
+"""Latent manifests, the latent data module, and 3D class guidance on latents."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth.data.latents import LatentDataModule, read_latent_manifest
+from medsynth.diffusion import DDIMSampler
+from medsynth.errors import DataError
+from medsynth.modules import DiffusionModule
+from medsynth.nets import BiFlowNet3D
+
+
+def write_latents(folder, shapes: dict, channels: int = 4, labels: dict | None = None, **extra) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latents").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for name, shape in shapes.items():
+        z = rng.normal(size=(channels, *shape)).astype(np.float32)
+        np.save(folder / "latents" / f"{name}.npy", z)
+        rec = {"latent": f"latents/{name}.npy", "name": name, "shape": list(z.shape), "affine": np.diag([2, 2, 3, 1.0]).tolist()}
+        if labels:
+            rec["label"] = labels[name]
+        records.append(rec)
+    manifest = {"kind": "medsynth latents", "version": 1, "scaling": {"method": "std", "shift": 0.5, "scale": 2.0},
+                "autoencoder": {"checkpoint": "ae.ckpt", "sha256": "abc", "latent_channels": channels,
+                                "downsample_factor": 4}, "class_names": None, "records": records, **extra}
+    (folder / "latents.json").write_text(json.dumps(manifest))
+    return folder / "latents.json"
+
+
+def test_latent_manifest_reads_and_scales(tmp_path):
+    m = write_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 8, 8)}, labels={"a": 0, "b": 1})
+    dm = LatentDataModule(manifest=m, num_workers=0, random_flip=False, val_fraction=0.0)
+    dm.setup("fit")
+    item = dm.datasets["train"][0]
+    raw = np.load(tmp_path / "l" / "latents" / f"{item['name']}.npy")
+    np.testing.assert_allclose(item["image"].numpy(), (raw - 0.5) * 2.0, rtol=1e-6)
+    args = dm.model_args()
+    assert args["image_channels"] == 4 and args["sample_shape"] == [8, 8, 8] and args["class_names"] == ["0", "1"]
+    assert args["latent_space"]["spacing"] == [2.0, 2.0, 3.0] and args["latent_space"]["scale"] == 2.0
+    assert LatentDataModule(manifest=m, output_shape=[64, 32, 32]).sample_shape() == [16, 8, 8]
+
+
+@pytest.mark.parametrize("problem", ["channels", "dims", "missing", "not_manifest", "other_encoder", "escape"])
+def test_bad_latent_manifests_are_refused_naming_the_file(tmp_path, problem):
+    m = write_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 8, 8)})
+    info = json.loads(m.read_text())
+    culprit = m
+    if problem == "channels":
+        np.save(tmp_path / "l" / "latents" / "b.npy", np.zeros((3, 8, 8, 8), np.float32))
+        culprit = tmp_path / "l" / "latents" / "b.npy"
+    elif problem == "dims":
+        np.save(tmp_path / "l" / "latents" / "b.npy", np.zeros((4, 8, 8), np.float32))
+        culprit = tmp_path / "l" / "latents" / "b.npy"
+    elif problem == "missing":
+        (tmp_path / "l" / "latents" / "b.npy").unlink()
+        culprit = tmp_path / "l" / "latents" / "b.npy"
+    elif problem == "not_manifest":
+        m.write_text(json.dumps([{"image": "x.nii.gz"}]))
+    elif problem == "other_encoder":
+        info["records"][1]["autoencoder_sha256"] = "def"
+        m.write_text(json.dumps(info))
+    elif problem == "escape":
+        info["records"][1]["latent"] = "../../b.npy"
+        m.write_text(json.dumps(info))
+    with pytest.raises(DataError) as e:
+        read_latent_manifest(m)
+    assert str(culprit) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shapes_must_agree_or_be_cropped_and_output_sizes_fit_the_autoencoder(tmp_path):
+    m = write_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (12, 8, 8)})
+    with pytest.raises(DataError, match="crop_size"):
+        LatentDataModule(manifest=m).model_args()
+    assert LatentDataModule(manifest=m, crop_size=8).model_args()["sample_shape"] == [8, 8, 8]
+    with pytest.raises(DataError, match="larger than a latent"):
+        LatentDataModule(manifest=m, crop_size=10).model_args()
+    with pytest.raises(DataError, match="multiple of the autoencoder's downsampling factor 4"):
+        LatentDataModule(manifest=m, crop_size=8, output_shape=[30, 32, 32]).sample_shape()
+
+
+def test_3d_class_guidance_combines_conditional_and_null_predictions():
+    torch.manual_seed(0)
+    net = partial(BiFlowNet3D, channels=(8, 16), norm_num_groups=4, dit_patch=4, dit_hidden=16, dit_depth=1,
+                  dit_heads=2)
+    m = DiffusionModule(net=net, image_channels=4, sample_shape=[8, 8, 8], class_names=["a", "b"],
+                        label_drop_prob=0.1, sampler=DDIMSampler(2)).eval()
+    with torch.no_grad():  # as after training: outputs and the null label's embedding are not zero
+        for p in m.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    labels = torch.tensor([0, 1])
+    plain = m.sample(labels=labels, guidance_scale=1.0)
+    assert plain.shape == (2, 4, 8, 8, 8)
+    xt, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([400, 400])
+    c, u = m.denoise(xt, t, None, labels), m.denoise(xt, t, None, torch.full_like(labels, 2))
+    assert not torch.allclose(c, u, atol=1e-4)
+    captured = {}
+
+    class Once(DDIMSampler):
+        def sample(self, denoise, noise, objective, generators=None):
+            captured["out"] = denoise(xt, t)
+            return noise
+
+    m.sample(labels=labels, guidance_scale=2.0, sampler=Once(1))
+    assert torch.allclose(captured["out"], u + 2.0 * (c - u), atol=1e-4)
+    assert torch.allclose(u + 1.0 * (c - u), c, atol=1e-5)  # scale 1 is the conditional model
+    assert not torch.allclose(m.sample(labels=labels, guidance_scale=3.0), plain, atol=1e-3)
