@@ -40,3 +40,26 @@ def test_ddp_fit_then_predict_on_two_processes(tmp_path):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["world_size"] == 2 and meta["num_samples"] == 5
     assert all(np.isfinite(np.load(p)).all() for p in (out / "samples").glob("*.npy"))
+
+
+def test_ddp_autoencoder_with_gan_counts_generator_steps(tmp_path):
+    # the 3D VQ autoencoder on 2 processes: codebook statistics are all-reduced, the discriminator idles in
+    # generator steps (hence find_unused_parameters), and steps still count generator updates
+    from tests.integration.test_autoencoder_cli import write_volumes
+
+    write_volumes(tmp_path / "vols", {"a": (20, 24, 16), "b": (18, 16, 22), "c": (16, 20, 17)})
+    manifest = tmp_path / "vols" / "manifest.json"
+    manifest.write_text(json.dumps([{"image": "a.nii.gz", "split": "train"}, {"image": "b.nii.gz", "split": "train"},
+                                    {"image": "c.nii.gz", "split": "val"}]))
+    run_dir = tmp_path / "ae"
+    cmd = [sys.executable, "-m", "medsynth", "fit", "--config", str(CONFIGS / "ae3d.yaml"),
+           "--config", str(CONFIGS / "tests" / "tiny_ae3d.yaml"), "--data.manifest", str(manifest),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.default_root_dir", str(run_dir)]
+    fit = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 3
+    d_state = ckpt["optimizer_states"][1]["state"]
+    assert int(next(iter(d_state.values()))["step"]) == 2  # GAN from step 1: discriminator steps at 1 and 2
+    assert torch.isfinite(ckpt["state_dict"]["net.quantizer.codebook"]).all()
