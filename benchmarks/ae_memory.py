@@ -14,11 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 2)  # kB
+    return float("nan")
 
 
 def measure(size: int, device: str, patch: int, tile: int, channels: list[int], precision: str) -> dict:
@@ -44,7 +51,7 @@ def measure(size: int, device: str, patch: int, tile: int, channels: list[int], 
     seconds = time.perf_counter() - start
     assert out.shape == x.shape
     row = {"size": size, "seconds": round(seconds, 2), "volume_mib": round(x.numel() * 4 / 2**20, 1)}
-    row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # kB on Linux
+    row["peak_rss_gib"] = peak_rss_gib()
     if device == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row

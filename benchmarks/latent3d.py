@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,14 @@ from pathlib import Path
 
 NET = dict(channels=(64, 128, 256), dit_patch=8, dit_hidden=256, dit_depth=2, dit_heads=4)
 TINY = dict(channels=(16, 32), norm_num_groups=8, dit_patch=8, dit_hidden=32, dit_depth=1, dit_heads=2)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 2)  # kB
+    return float("nan")
 
 
 def net_factory(tiny: bool):
@@ -152,7 +159,7 @@ def generation(side: int, args) -> dict:
     t2 = time.perf_counter()
     assert x.shape[2:] == (side,) * 3
     row = {"side": side, "latent": latent, "sample_s": round(t1 - t0, 2), "decode_s": round(t2 - t1, 2),
-           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+           "peak_rss_gib": peak_rss_gib()}
     if dev == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row

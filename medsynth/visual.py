@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,3 +68,28 @@ def orthogonal_slices(volume: torch.Tensor | np.ndarray) -> list[np.ndarray]:
     views = [np.rot90(to_uint8(s[None])) for s in slices]
     size = max(max(s.shape[:2]) for s in views)
     return [pad_to(np.ascontiguousarray(s), size) for s in views]
+
+
+def bar_chart(values: dict[str, float], reference: Optional[dict[str, float]] = None, title: str = "",
+              width: int = 480, bar_height: int = 18) -> np.ndarray:
+    """Horizontal bars of scores in [0, 1] (e.g. per-class Dice), with an optional reference per bar (e.g. the
+    real-image ceiling) drawn as a black tick; an RGB uint8 picture."""
+    from PIL import Image, ImageDraw
+
+    label_w, pad = 150, 6
+    height = pad * 3 + 14 + len(values) * (bar_height + pad)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, pad), title, fill="black")
+    span = width - label_w - 60
+    for i, (name, v) in enumerate(values.items()):
+        y = pad * 2 + 14 + i * (bar_height + pad)
+        draw.text((pad, y + 3), str(name)[:22], fill="black")
+        v = float(v) if v == v else 0.0
+        draw.rectangle([label_w, y, label_w + int(span * min(max(v, 0.0), 1.0)), y + bar_height],
+                       fill=tuple(int(c) for c in PALETTE[1 + i % (len(PALETTE) - 2)]))
+        draw.text((label_w + span + 6, y + 3), f"{v:.3f}", fill="black")
+        if reference and name in reference:
+            x = label_w + int(span * min(max(float(reference[name]), 0.0), 1.0))
+            draw.rectangle([x - 1, y - 2, x + 1, y + bar_height + 2], fill="black")
+    return np.asarray(img)

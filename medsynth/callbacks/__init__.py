@@ -3,8 +3,9 @@
 from medsynth.callbacks.checkpoints import RunCheckpoint
 from medsynth.callbacks.progressive import ProgressiveResolution
 from medsynth.callbacks.reconstructions import ReconstructionLogger
+from medsynth.callbacks.report import SampleReport
 from medsynth.callbacks.samples import SampleGridLogger
 from medsynth.callbacks.writers import ReconstructionWriter, SampleWriter
 
 __all__ = ["RunCheckpoint", "SampleGridLogger", "SampleWriter", "ReconstructionLogger", "ReconstructionWriter",
-           "ProgressiveResolution"]
+           "ProgressiveResolution", "SampleReport"]

@@ -94,3 +94,54 @@ def test_perceptual_loss_without_local_weights_says_what_is_missing(tmp_path):
     bad.write_bytes(b"not torchscript")
     with pytest.raises(MedsynthError, match="not a TorchScript"):
         PerceptualLoss(weights=bad)
+
+
+# ---------------------------------------------------------------------------------------------------- realism, diversity
+from medsynth.metrics import FeatureNet, frechet_distance, kernel_inception_distance, mean_pairwise_similarity  # noqa: E402
+
+
+def test_frechet_distance_by_hand():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    # equal covariances, shifted mean: the distance is the squared shift
+    assert frechet_distance(real, real + torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)) == pytest.approx(5.0, rel=1e-6)
+    # zero means, covariances I and 4I in 3 dims: tr(I + 4I - 2 * 2I) = 3
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    b = 2 * torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, b) == pytest.approx(3.0, abs=0.15)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g)
+    same, _ = kernel_inception_distance(a, b, subsets=20, subset_size=100)
+    shifted, _ = kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=100)
+    assert abs(same) < 0.05 and shifted > 10 * max(abs(same), 1e-3)
+
+
+def test_diversity_is_one_for_copies_and_low_for_noise():
+    x = torch.rand(1, 1, 64, 64) * 2 - 1
+    assert mean_pairwise_similarity(x.repeat(5, 1, 1, 1)) == pytest.approx(1.0, abs=1e-5)
+    noise = torch.rand(6, 1, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert mean_pairwise_similarity(noise) < 0.2
+    vols = torch.rand(3, 1, 12, 12, 12) * 2 - 1
+    assert mean_pairwise_similarity(vols) < 0.5  # volumes: SSIM
+
+
+def test_feature_net_needs_local_weights_and_feeds_uint8(tmp_path):
+    with pytest.raises(MedsynthError, match="never downloaded"):
+        FeatureNet(tmp_path / "inception.pt")
+    with pytest.raises(MedsynthError, match="local feature network"):
+        FeatureNet()
+
+    class MeanRGB(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32)
+            return x.float().mean((2, 3))
+
+    path = tmp_path / "f.pt"
+    torch.jit.script(MeanRGB()).save(str(path))
+    net = FeatureNet(path, input_size=32)
+    feats = net(torch.full((2, 1, 16, 16), 1.0))
+    assert feats.shape == (2, 3) and torch.allclose(feats, torch.full((2, 3), 255.0, dtype=torch.float64))

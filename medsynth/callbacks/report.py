@@ -1,0 +1,177 @@
+"""Scoring reports: what ``medsynth test`` measured on a sample folder, with diversity, FID/KID and plots."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+import medsynth
+from medsynth.errors import MedsynthError
+from medsynth.io import atomic_write, save_json, save_png
+from medsynth.metrics.distribution import (
+    FeatureNet,
+    frechet_distance,
+    kernel_inception_distance,
+    mean_pairwise_similarity,
+)
+from medsynth.visual import bar_chart
+
+REAL_SCORES = "scores/real_test.json"
+"""Where a judge's scores on the real test split are kept, inside its run folder: the ceiling of later reports."""
+
+
+def _scalar_metrics(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test/")}
+
+
+def _read_real_images(folder: Path, size: int, channels: int, limit: int) -> torch.Tensor:
+    from medsynth.data.image2d import list_image_files, read_image, resize_image, to_unit_range
+
+    files = [f for split in ("", "train", "val", "test") for f in list_image_files(folder / split)] if folder.is_dir() else []
+    if not files:
+        raise MedsynthError(f"{folder}: no real images (.png/.npy) for FID/KID (give the image folder, e.g. IMGS/test)")
+    out = []
+    for f in files[:limit]:
+        x = torch.from_numpy(to_unit_range(read_image(f, channels), None))
+        out.append(resize_image(x, size))
+    return torch.stack(out)
+
+
+class SampleReport(L.Callback):
+    """After ``medsynth test`` on a sample folder, writes ``scores.json``, ``report.md`` and plots beside the samples.
+
+    The judge (a segmenter or classifier checkpoint) gives its metrics (Dice per class, accuracy); this callback
+    adds diversity (mean pairwise MS-SSIM, lower is more diverse), FID and KID against real images when a local
+    feature network is given (nothing is downloaded; without one the report says what is missing), and the
+    judge's scores on real test images as the ceiling. Those come from testing the judge on real data first:
+    ``medsynth test`` on real data writes them to ``JUDGE_RUN/scores/real_test.json``, where later reports find
+    them. Scores and the bar chart are also logged to W&B when a ``WandbLogger`` is set.
+
+    The sample folder's data module may name the feature network and the real images (``--data.features``,
+    ``--data.real_dir`` of :class:`~medsynth.data.SampleDirDataModule`); they win over this callback's own.
+
+    Args:
+        features: TorchScript feature network for FID/KID (see :mod:`medsynth.metrics.distribution`).
+        real_dir: real images for FID/KID: a folder of ``.png``/``.npy`` (or one holding ``train``/``val``/``test``).
+        max_images: at most this many samples and real images enter FID/KID and diversity.
+        diversity_pairs: sample pairs averaged for diversity.
+    """
+
+    def __init__(self, features: Optional[Path] = None, real_dir: Optional[Path] = None, max_images: int = 2000,
+                 diversity_pairs: int = 200) -> None:
+        self.features = Path(features) if features is not None else None
+        self.real_dir = Path(real_dir) if real_dir is not None else None
+        self.max_images = max_images
+        self.diversity_pairs = diversity_pairs
+
+    @staticmethod
+    def _samples_dir(trainer) -> Optional[Path]:
+        return getattr(trainer.datamodule, "samples_dir", None)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._images: list[torch.Tensor] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._samples_dir(trainer) is not None and sum(len(x) for x in self._images) < self.max_images:
+            self._images.append(batch["image"].detach().float().cpu())
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        judge = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        samples_dir = self._samples_dir(trainer)
+        scores = _scalar_metrics(trainer)
+        if samples_dir is None:  # the judge on real data: keep its scores as the ceiling of later reports
+            if judge:
+                save_json(Path(judge).resolve().parent.parent / REAL_SCORES,
+                          {"judge": judge, "scores": scores, "created": _now()})
+            return
+        images = torch.cat(self._images)[: self.max_images] if self._images else None
+        notes = []
+        if images is not None and len(images) >= 2:
+            scores["diversity/ms_ssim"] = mean_pairwise_similarity(images, self.diversity_pairs)
+        dm = trainer.datamodule
+        features = getattr(dm, "features", None) or self.features
+        real_dir = getattr(dm, "real_dir", None) or self.real_dir
+        if features is not None and real_dir is None:
+            notes.append("FID/KID not computed: a feature network but no real images (real_dir) were given")
+            features = None
+        if features is not None and images is not None:
+            if images.ndim != 4:
+                notes.append("FID/KID: 2D images only; not computed for volumes")
+            else:
+                net = FeatureNet(Path(features))
+                real = _read_real_images(Path(real_dir), images.shape[-1], images.shape[1], self.max_images)
+                f_fake = torch.cat([net(b) for b in images.split(64)])
+                f_real = torch.cat([net(b) for b in real.split(64)])
+                scores["fid"] = frechet_distance(f_real, f_fake)
+                scores["kid_mean"], scores["kid_std"] = kernel_inception_distance(f_real, f_fake)
+        elif features is None and not notes:
+            notes.append("FID/KID not computed: no local feature network was given (--data.features with "
+                         "--data.real_dir; nothing is downloaded)")
+        ceiling = self._ceiling(judge)
+        result = {"samples_dir": str(samples_dir), "judge": judge, "num_samples": 0 if images is None else len(images),
+                  "scores": scores, "ceiling": ceiling, "features": str(features) if features else None,
+                  "real_dir": str(real_dir) if real_dir else None, "notes": notes, "created": _now(),
+                  "medsynth": medsynth.__version__}
+        save_json(samples_dir / "scores.json", result)
+        plots = self._plots(samples_dir, scores, ceiling)
+        self._write_report(samples_dir, result, plots)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_metrics({f"score/{k}": v for k, v in scores.items()})
+                for name in plots:
+                    logger.log_image(key=f"score/{Path(name).stem}", images=[str(samples_dir / name)])
+
+    @staticmethod
+    def _ceiling(judge: Optional[str]) -> Optional[dict]:
+        if not judge:
+            return None
+        path = Path(judge).resolve().parent.parent / REAL_SCORES
+        return json.loads(path.read_text())["scores"] if path.is_file() else None
+
+    @staticmethod
+    def _plots(samples_dir: Path, scores: dict, ceiling: Optional[dict]) -> list[str]:
+        plots = []
+        for prefix, title in (("test/dice_class", "Dice per class (tick: real-image ceiling)"),
+                              ("test/accuracy_", "accuracy per class (tick: real-image ceiling)")):
+            per = {k[len(prefix):]: v for k, v in scores.items() if k.startswith(prefix)}
+            if per:
+                ref = {k[len(prefix):]: v for k, v in (ceiling or {}).items() if k.startswith(prefix)}
+                name = "dice.png" if "dice" in prefix else "accuracy.png"
+                save_png(samples_dir / name, bar_chart(per, ref, title))
+                plots.append(name)
+        return plots
+
+    @staticmethod
+    def _write_report(samples_dir: Path, result: dict, plots: list[str]) -> None:
+        scores, ceiling = result["scores"], result["ceiling"] or {}
+        lines = [f"# Scores of {samples_dir.name}", "",
+                 f"{result['num_samples']} samples scored on {result['created']} by medsynth {result['medsynth']}; "
+                 f"judge: `{result['judge']}`.", "", "| measure | samples | real images (ceiling) | fraction |",
+                 "| --- | --- | --- | --- |"]
+        for k, v in scores.items():
+            ref = ceiling.get(k)
+            frac = f"{v / ref:.3f}" if ref and k.startswith(("test/dice", "test/accuracy")) else ""
+            lines.append(f"| {k} | {v:.4f} | {'' if ref is None else f'{ref:.4f}'} | {frac} |")
+        lines += ["", "Diversity is the mean pairwise MS-SSIM of the samples (lower is more diverse). FID/KID use "
+                  f"the feature network `{result['features']}` against `{result['real_dir']}`."
+                  if result["features"] else ""]
+        lines += [f"- {n}" for n in result["notes"]]
+        if (samples_dir / "grid.png").is_file():
+            lines += ["", "![samples](grid.png)"]
+        lines += [f"![{Path(p).stem}]({p})" for p in plots]
+        text = "\n".join(lines) + "\n"
+        atomic_write(samples_dir / "report.md", lambda tmp: Path(tmp).write_text(text))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+

@@ -1,0 +1,119 @@
+"""How realistic and how diverse samples are: FID/KID with a local feature network, and mean pairwise MS-SSIM.
+
+FID and KID compare feature statistics of generated and real images (Heusel et al., 2017; Bińkowski et al.,
+2018). The usual features come from Inception-v3, whose weights medsynth never downloads: give a TorchScript file
+of the network (exported once on a machine with internet) that maps uint8 images ``(N, 3, H, W)`` in [0, 255] to
+features ``(N, D)`` (a tuple/list output uses its first entry). For example, with ``torch-fidelity``::
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).eval()   # downloads once
+    torch.jit.trace(net, torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).save("inception_fid.pt")
+
+Scores from another feature network are not comparable with published FIDs; compare runs scored alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medsynth.errors import MedsynthError
+from medsynth.metrics.reconstruction import ms_ssim, ssim
+
+
+class FeatureNet(nn.Module):
+    """A frozen feature network loaded from a local TorchScript file, fed images in [-1, 1] of any channel count.
+
+    Images are resized to ``input_size`` (bilinear), single channels repeated to three, and passed as uint8 in
+    [0, 255], the convention of the Inception networks used for FID.
+
+    Args:
+        weights: the TorchScript file (see the module docstring); required, never downloaded.
+        input_size: side the images are resized to (299 for Inception-v3).
+    """
+
+    def __init__(self, weights: Optional[Path] = None, input_size: int = 299) -> None:
+        super().__init__()
+        if weights is None:
+            raise MedsynthError("FID/KID need a local feature network: give its TorchScript file (nothing is "
+                                "downloaded; see medsynth/metrics/distribution.py)")
+        path = Path(weights)
+        if not path.is_file():
+            raise MedsynthError(f"{path}: FID/KID feature network does not exist (it is never downloaded; export "
+                                "Inception-v3 to TorchScript once, see medsynth/metrics/distribution.py)")
+        try:
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the same problem for the user
+            raise MedsynthError(f"{path}: not a TorchScript feature network ({type(exc).__name__})") from None
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.weights, self.input_size = str(path), input_size
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Features ``(N, D)`` of images ``(N, C, H, W)`` in [-1, 1]."""
+        x = x.float()
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x[:, :3]
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out = self.net(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.reshape(out.shape[0], -1).double()
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)`` (FID when the features are
+    Inception's): ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``."""
+    real, fake = real.double(), fake.double()
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise MedsynthError("FID needs at least 2 real and 2 generated images")
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
+    # tr((S_r S_f)^(1/2)) = sum of sqrt of the eigenvalues of S_r S_f (real, >= 0 for PSD matrices)
+    eig = torch.linalg.eigvals(cov_r @ cov_f).real.clamp(min=0)
+    return float((mu_r - mu_f).pow(2).sum() + cov_r.trace() + cov_f.trace() - 2 * eig.sqrt().sum())
+
+
+def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = 50, subset_size: int = 100,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID: the unbiased squared MMD with the polynomial kernel ``(x.y / D + 1)^3``, mean and standard deviation
+    over random subsets (Bińkowski et al., 2018)."""
+    real, fake = real.double(), fake.double()
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2:
+        raise MedsynthError("KID needs at least 2 real and 2 generated images")
+    g = torch.Generator().manual_seed(seed)
+    d = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        r = real[torch.randperm(real.shape[0], generator=g)[:m]]
+        f = fake[torch.randperm(fake.shape[0], generator=g)[:m]]
+        k_rr, k_ff, k_rf = ((a @ b.T / d + 1) ** 3 for a, b in ((r, r), (f, f), (r, f)))
+        off = 1 - torch.eye(m, dtype=torch.float64)
+        mmd = (k_rr * off).sum() / (m * (m - 1)) + (k_ff * off).sum() / (m * (m - 1)) - 2 * k_rf.mean()
+        values.append(float(mmd))
+    t = torch.tensor(values)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def mean_pairwise_similarity(samples: Tensor, max_pairs: int = 200, seed: int = 0) -> float:
+    """Diversity: the mean MS-SSIM (SSIM for images too small for three scales, and for volumes) over pairs of
+    samples ``(N, C, *spatial)`` in [-1, 1]; lower means more diverse (identical samples give 1)."""
+    n = samples.shape[0]
+    if n < 2:
+        raise MedsynthError("diversity needs at least 2 samples")
+    pairs = list(itertools.combinations(range(n), 2))
+    if len(pairs) > max_pairs:
+        g = torch.Generator().manual_seed(seed)
+        pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:max_pairs].tolist()]
+    a = samples[[i for i, _ in pairs]].float()
+    b = samples[[j for _, j in pairs]].float()
+    multiscale = samples.ndim == 4 and min(samples.shape[2:]) >= (7 - 1) * 2 ** 2 + 1
+    values = ms_ssim(a, b) if multiscale else ssim(a, b)
+    return float(values.mean())
