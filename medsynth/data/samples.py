@@ -1,4 +1,6 @@
-"""Reading back a ``medsynth predict`` output folder, to score the samples against their conditioning masks."""
+"""Reading back a ``medsynth predict`` output folder, to score the samples against what they were conditioned on:
+their masks (mask faithfulness, judged by a segmenter) or their classes (class faithfulness, judged by a
+classifier)."""
 
 from __future__ import annotations
 
@@ -30,19 +32,41 @@ class _SamplePairs(Dataset):
         return {"image": x, "mask": m, "name": sample.name, "index": index}
 
 
-class SampleDirDataModule(L.LightningDataModule):
-    """The samples of a ``medsynth predict`` folder paired with the masks they were conditioned on (``test``).
+class _LabelledSamples(Dataset):
+    """Class-conditional samples: items ``image`` ``(C, S, S)``, ``label`` (their class), ``name``, ``index``."""
 
-    ``medsynth test --config configs/segmenter2d.yaml --ckpt_path SEG.ckpt --data medsynth.data.SampleDirDataModule
-    --data.samples_dir DIR`` reports the segmenter's Dice on the samples: mask faithfulness.
+    def __init__(self, items: list[tuple[Path, int]], image_size: int) -> None:
+        self.items, self.image_size = items, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        sample, label = self.items[index]
+        x = resize_image(torch.from_numpy(np.load(sample).astype(np.float32)), self.image_size)
+        return {"image": x, "label": label, "name": f"{sample.parent.name}/{sample.name}", "index": index}
+
+
+class SampleDirDataModule(L.LightningDataModule):
+    """The samples of a ``medsynth predict`` folder with what they were conditioned on (``test`` only).
+
+    Two kinds of folder, told apart by ``metadata.json``:
+
+    * mask-guided samples (``samples/NAME.npy`` with ``masks/NAME.png``): batches hold ``image`` and ``mask``;
+      ``medsynth test --config configs/segmenter2d.yaml --ckpt_path SEG.ckpt --data medsynth.data.SampleDirDataModule
+      --data.samples_dir DIR`` reports the segmenter's Dice on them (mask faithfulness);
+    * class-conditional samples (``metadata.json`` names ``class_names``; samples in ``<class_name>/*.npy``):
+      batches hold ``image`` and ``label``; the same command with ``configs/classifier2d.yaml`` and a classifier
+      checkpoint reports its accuracy on them (class faithfulness). Classes without a folder are not scored.
 
     Args:
-        samples_dir: a ``medsynth predict`` output folder (``metadata.json``, ``samples/*.npy``, ``masks/*.png``).
-        image_size: side the samples and masks are resized to (the segmenter's training size; default: as stored).
+        samples_dir: a ``medsynth predict`` output folder (``metadata.json`` and the samples).
+        image_size: side the samples (and masks) are resized to (the judge's training size; default: as stored).
         batch_size: samples per batch.
         overwrite: replace an existing ``scores.json`` in ``samples_dir``.
 
-    The scores (``test/dice`` and per class) are written to ``samples_dir/scores.json`` with the segmenter's path.
+    The scores (``test/dice`` or ``test/accuracy``, and per class) are written to ``samples_dir/scores.json`` with
+    the judge's checkpoint path.
     """
 
     def __init__(
@@ -60,26 +84,59 @@ class SampleDirDataModule(L.LightningDataModule):
         meta_path = self.samples_dir / "metadata.json"
         if not meta_path.is_file():
             raise DataError(f"{self.samples_dir}: no metadata.json; not a `medsynth predict` output folder")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{meta_path}: unreadable metadata ({exc})") from None
         data = ((meta.get("config") or {}).get("data") or {}).get("init_args") or {}
         model = ((meta.get("config") or {}).get("model") or {}).get("init_args") or {}
         self.num_classes = int(data.get("num_classes") or model.get("num_classes") or 0)
+        self.class_names: Optional[list[str]] = None
+        self.class_folders: list[tuple[Path, int]] = []
         if self.num_classes < 2 or not (self.samples_dir / "masks").is_dir():
-            raise DataError(f"{meta_path}: these samples have no conditioning masks; nothing to score against")
+            names = meta.get("class_names") or model.get("class_names")
+            if not names:
+                raise DataError(f"{meta_path}: these samples have no conditioning masks or class names; "
+                                "nothing to score against")
+            self.num_classes, self.class_names = 0, [str(n) for n in names]
+            self.class_folders = self._class_folders(meta_path)
         self.channels = int(data.get("channels") or model.get("image_channels") or 1)
-        self.image_size = int(image_size or data.get("image_size") or model.get("image_size"))
+        size = image_size or data.get("image_size") or model.get("image_size")
+        if not size:
+            raise DataError(f"{meta_path}: no image size recorded; pass --data.image_size")
+        self.image_size = int(size)
         self.batch_size = batch_size
         self.scores_path = self.samples_dir / "scores.json"
         if self.scores_path.exists() and not overwrite:
             raise DataError(f"{self.scores_path}: already exists; pass --data.overwrite true to score again")
+        self._scores_stamp = self._stamp()
         self.dataset: Optional[Dataset] = None
 
+    def _class_folders(self, meta_path: Path) -> list[tuple[Path, int]]:
+        """The sample folders of the classes, with their labels; every sub-folder must be one of ``class_names``."""
+        folders = []
+        for folder in sorted(p for p in self.samples_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if folder.name not in self.class_names:
+                raise DataError(f"{folder}: not a class of these samples (class_names in {meta_path}: "
+                                f"{self.class_names})")
+            folders.append((folder, self.class_names.index(folder.name)))
+        if not folders:
+            raise DataError(f"{self.samples_dir}: no class folders (expected {self.samples_dir}/<class_name>/*.npy)")
+        return folders
+
     def model_args(self) -> dict:
-        return {"num_classes": self.num_classes, "image_channels": self.channels, "image_size": self.image_size}
+        """What the judge must agree with (linked into the model's arguments by the CLI)."""
+        args = {"num_classes": self.num_classes, "image_channels": self.channels, "image_size": self.image_size}
+        if self.class_names is not None:
+            args["class_names"] = self.class_names
+        return args
 
     def setup(self, stage: str) -> None:
         if stage != "test":
             raise DataError("SampleDirDataModule only serves `medsynth test` (scoring)")
+        self.dataset = self._labelled() if self.class_names is not None else self._pairs()
+
+    def _pairs(self) -> Dataset:
         pairs = []
         for sample in sorted((self.samples_dir / "samples").glob("*.npy")):
             mask = self.samples_dir / "masks" / f"{sample.stem}.png"
@@ -93,15 +150,41 @@ class SampleDirDataModule(L.LightningDataModule):
             pairs.append((sample, mask))
         if not pairs:
             raise DataError(f"{self.samples_dir / 'samples'}: no samples (*.npy)")
-        self.dataset = _SamplePairs(pairs, self.num_classes, self.image_size)
+        return _SamplePairs(pairs, self.num_classes, self.image_size)
+
+    def _labelled(self) -> Dataset:
+        items = []
+        for folder, label in self.class_folders:
+            files = sorted(folder.glob("*.npy"))
+            if not files:
+                raise DataError(f"{folder}: no samples (*.npy) of class '{folder.name}'")
+            for f in files:
+                try:
+                    shape = np.load(f, mmap_mode="r").shape
+                except (OSError, ValueError) as exc:
+                    raise DataError(f"{f}: unreadable sample ({exc})") from None
+                if len(shape) != 3 or shape[0] != self.channels:
+                    raise DataError(f"{f}: sample of shape {tuple(shape)}; expected ({self.channels}, H, W)")
+                items.append((f, label))
+        return _LabelledSamples(items, self.image_size)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size)
+
+    def _stamp(self) -> Optional[tuple[int, int]]:
+        st = self.scores_path.stat() if self.scores_path.is_file() else None
+        return (st.st_mtime_ns, st.st_size) if st else None
 
     def teardown(self, stage: str) -> None:
         trainer = getattr(self, "trainer", None)
         if stage != "test" or trainer is None or not trainer.is_global_zero:
             return
+        if self._stamp() != self._scores_stamp:  # written during this run (a report callback's richer scores)
+            return
         scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        save_json(self.scores_path, {"samples_dir": str(self.samples_dir), "segmenter": str(trainer.ckpt_path),
-                                     "num_samples": len(self.dataset or []), "scores": scores})
+        judge = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        result = {"samples_dir": str(self.samples_dir), "judge": judge, "num_samples": len(self.dataset or []),
+                  "scores": scores}
+        if self.class_names is None:
+            result["segmenter"] = judge  # the key earlier versions wrote for mask faithfulness
+        save_json(self.scores_path, result)
