@@ -31,16 +31,18 @@ def _scalar_metrics(trainer) -> dict[str, float]:
 
 
 def _read_real_images(folder: Path, size: int, channels: int, limit: int) -> torch.Tensor:
-    from medsynth.data.image2d import list_image_files, read_image, resize_image, to_unit_range
+    """Up to ``limit`` real images found anywhere below ``folder`` (evenly spread over the sorted file list),
+    resized to ``size`` and scaled to [-1, 1] as training scales them."""
+    from medsynth.data.image2d import IMAGE_SUFFIXES, read_image, resize_image, to_unit_range
 
-    files = [f for split in ("", "train", "val", "test") for f in list_image_files(folder / split)] if folder.is_dir() else []
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise MedsynthError(f"{folder}: no real images (.png/.npy) for FID/KID (give the image folder, e.g. IMGS/test)")
-    out = []
-    for f in files[:limit]:
-        x = torch.from_numpy(to_unit_range(read_image(f, channels), None))
-        out.append(resize_image(x, size))
-    return torch.stack(out)
+        raise MedsynthError(f"{folder}: no real images (.png/.npy) for FID/KID (give the image folder, e.g. IMGS)")
+    if len(files) > limit:
+        files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
+    return torch.stack([resize_image(torch.from_numpy(to_unit_range(read_image(f, channels), None)), size)
+                        for f in files])
 
 
 class SampleReport(L.Callback):
@@ -116,6 +118,9 @@ class SampleReport(L.Callback):
             notes.append("FID/KID not computed: no local feature network was given (--data.features with "
                          "--data.real_dir; nothing is downloaded)")
         ceiling = self._ceiling(judge)
+        if ceiling is None:
+            notes.append("no real-image ceiling: run `medsynth test` with this judge on the real test split first "
+                         f"(it keeps its scores in JUDGE_RUN/{REAL_SCORES})")
         result = {"samples_dir": str(samples_dir), "judge": judge, "num_samples": 0 if images is None else len(images),
                   "scores": scores, "ceiling": ceiling, "features": str(features) if features else None,
                   "real_dir": str(real_dir) if real_dir else None, "notes": notes, "created": _now(),

@@ -63,10 +63,15 @@ class SampleDirDataModule(L.LightningDataModule):
         samples_dir: a ``medsynth predict`` output folder (``metadata.json`` and the samples).
         image_size: side the samples (and masks) are resized to (the judge's training size; default: as stored).
         batch_size: samples per batch.
-        overwrite: replace an existing ``scores.json`` in ``samples_dir``.
+        overwrite: replace an existing ``scores.json`` (and report) in ``samples_dir``.
+        features: local TorchScript feature network for FID/KID (e.g. Inception-v3 exported once; see
+            :mod:`medsynth.metrics.distribution`); never downloaded. Without it FID/KID are not computed.
+        real_dir: real images that FID/KID compare the samples with: a folder of ``.png``/``.npy`` images, or one
+            holding ``train``/``val``/``test`` subfolders (e.g. ``IMGS``); needed with ``features``.
 
     The scores (``test/dice`` or ``test/accuracy``, and per class) are written to ``samples_dir/scores.json`` with
-    the judge's checkpoint path.
+    the judge's checkpoint path; with the :class:`~medsynth.callbacks.SampleReport` callback (in the judge
+    configs) also diversity, FID/KID, the real-image ceiling, ``report.md`` and bar charts.
     """
 
     def __init__(
@@ -75,10 +80,21 @@ class SampleDirDataModule(L.LightningDataModule):
         image_size: Optional[int] = None,
         batch_size: int = 16,
         overwrite: bool = False,
+        features: Optional[Path] = None,
+        real_dir: Optional[Path] = None,
     ) -> None:
         super().__init__()
         if samples_dir is None:
             raise DataError("data.samples_dir is not set: give a `medsynth predict` output folder")
+        self.features = Path(features) if features is not None else None
+        self.real_dir = Path(real_dir) if real_dir is not None else None
+        if self.features is not None and not self.features.is_file():
+            raise DataError(f"{self.features}: FID/KID feature network does not exist (it is never downloaded; "
+                            "see medsynth/metrics/distribution.py for exporting one)")
+        if self.features is not None and self.real_dir is None:
+            raise DataError(f"data.features={self.features}: FID/KID also need real images: --data.real_dir IMGS")
+        if self.real_dir is not None and not self.real_dir.is_dir():
+            raise DataError(f"{self.real_dir}: real image folder (data.real_dir) does not exist")
         self.save_hyperparameters()
         self.samples_dir = Path(samples_dir)
         meta_path = self.samples_dir / "metadata.json"

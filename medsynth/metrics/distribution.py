@@ -3,7 +3,8 @@
 FID and KID compare feature statistics of generated and real images (Heusel et al., 2017; Bińkowski et al.,
 2018). The usual features come from Inception-v3, whose weights medsynth never downloads: give a TorchScript file
 of the network (exported once on a machine with internet) that maps uint8 images ``(N, 3, H, W)`` in [0, 255] to
-features ``(N, D)`` (a tuple/list output uses its first entry). For example, with ``torch-fidelity``::
+features ``(N, D)`` (a tuple/list output uses its first entry); torchmetrics computes FID and KID on those
+features. For example, with ``torch-fidelity``::
 
     import torch
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -16,12 +17,15 @@ Scores from another feature network are not comparable with published FIDs; comp
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from medsynth.errors import MedsynthError
 from medsynth.metrics.reconstruction import ms_ssim, ssim
@@ -67,39 +71,50 @@ class FeatureNet(nn.Module):
         return out.reshape(out.shape[0], -1).double()
 
 
+class _Features(nn.Module):
+    """Hands precomputed features ``(N, D)`` to torchmetrics' FID/KID unchanged (their ``feature`` plug-in)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def _check_counts(real: Tensor, fake: Tensor, what: str) -> None:
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise MedsynthError(f"{what}: features must be (N, D) with one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise MedsynthError(f"{what} needs at least 2 real and 2 generated images")
+
+
 def frechet_distance(real: Tensor, fake: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)`` (FID when the features are
-    Inception's): ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``."""
-    real, fake = real.double(), fake.double()
-    if real.shape[0] < 2 or fake.shape[0] < 2:
-        raise MedsynthError("FID needs at least 2 real and 2 generated images")
-    mu_r, mu_f = real.mean(0), fake.mean(0)
-    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
-    # tr((S_r S_f)^(1/2)) = sum of sqrt of the eigenvalues of S_r S_f (real, >= 0 for PSD matrices)
-    eig = torch.linalg.eigvals(cov_r @ cov_f).real.clamp(min=0)
-    return float((mu_r - mu_f).pow(2).sum() + cov_r.trace() + cov_f.trace() - 2 * eig.sqrt().sum())
+    Inception's): ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, computed by torchmetrics."""
+    _check_counts(real, fake, "FID")
+    fid = FrechetInceptionDistance(feature=_Features(real.shape[1]))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    return float(fid.compute())
 
 
 def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = 50, subset_size: int = 100,
                               seed: int = 0) -> tuple[float, float]:
-    """KID: the unbiased squared MMD with the polynomial kernel ``(x.y / D + 1)^3``, mean and standard deviation
-    over random subsets (Bińkowski et al., 2018)."""
-    real, fake = real.double(), fake.double()
+    """KID (Bińkowski et al., 2018): the unbiased squared MMD with the polynomial kernel ``(x.y / D + 1)^3``,
+    mean and standard deviation over ``subsets`` random subsets of ``subset_size`` (fewer when fewer images are
+    given), computed by torchmetrics; the subsets are drawn from ``seed``, so a score repeats."""
+    _check_counts(real, fake, "KID")
     m = min(subset_size, real.shape[0], fake.shape[0])
-    if m < 2:
-        raise MedsynthError("KID needs at least 2 real and 2 generated images")
-    g = torch.Generator().manual_seed(seed)
-    d = real.shape[1]
-    values = []
-    for _ in range(subsets):
-        r = real[torch.randperm(real.shape[0], generator=g)[:m]]
-        f = fake[torch.randperm(fake.shape[0], generator=g)[:m]]
-        k_rr, k_ff, k_rf = ((a @ b.T / d + 1) ** 3 for a, b in ((r, r), (f, f), (r, f)))
-        off = 1 - torch.eye(m, dtype=torch.float64)
-        mmd = (k_rr * off).sum() / (m * (m - 1)) + (k_ff * off).sum() / (m * (m - 1)) - 2 * k_rf.mean()
-        values.append(float(mmd))
-    t = torch.tensor(values)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+    with warnings.catch_warnings():  # "will save all extracted features": they are already in memory here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=m)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return float(mean), float(std)
 
 
 def mean_pairwise_similarity(samples: Tensor, max_pairs: int = 200, seed: int = 0) -> float:
