@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from medsynth.callbacks.writers import SampleWriter, check_output_dir
 from medsynth.errors import MedsynthError
-from medsynth.io import atomic_write, save_json
+from medsynth.io import atomic_write, free_path, save_json
 from medsynth.modules.loading import check_checkpoint, checkpoint_model_config
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
@@ -146,7 +146,7 @@ class MedsynthTrainer(Trainer):
             return None
         suggestion = finder.suggestion()
         if self.is_global_zero:
-            out = Path(self.default_root_dir) / "lr_find.json"
+            out = free_path(Path(self.default_root_dir) / "lr_find.json")  # an earlier test's curve is kept
             save_json(out, {"suggestion": suggestion, "lr": finder.results["lr"], "loss": finder.results["loss"]})
             if suggestion is None:
                 print(f"no suggestion: the loss curve is too short or flat (raise --num_training); curve in {out}")
@@ -175,11 +175,7 @@ class RunConfigCallback(SaveConfigCallback):
         if stage == "predict":  # sampling without an output folder: nothing to keep
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        name, n = "config.yaml", 0
-        while (log_dir / name).exists():
-            n += 1
-            name = f"config.{n}.yaml"
-        self.config_filename = trainer.strategy.broadcast(name)
+        self.config_filename = trainer.strategy.broadcast(free_path(log_dir / "config.yaml").name)
         super().setup(trainer, pl_module, stage)
 
 

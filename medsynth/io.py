@@ -41,6 +41,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def free_path(path: str | os.PathLike) -> Path:
+    """``path`` if nothing is there yet, else the first free ``NAME.1.EXT``, ``NAME.2.EXT``, ...: a result that is
+    written again never replaces the earlier one."""
+    path = Path(path)
+    stem, suffix, n = path.stem, path.suffix, 0
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{stem}.{n}{suffix}")
+    return path
+
+
 def save_png(path: str | os.PathLike, array: np.ndarray, text: Optional[dict[str, str]] = None) -> Path:
     """Save a uint8/uint16 array of shape (H, W), (H, W, 1) or (H, W, 3) as PNG, atomically, with ``text`` chunks."""
     if array.ndim == 3 and array.shape[-1] == 1:

@@ -49,7 +49,8 @@ def png_text(checkpoint_sha256: Optional[str], seed: Optional[int], index: int) 
 
 def sidecar(checkpoint_sha256: Optional[str], seed: Optional[int], index: int,
             details: str = "../metadata.json", **extra) -> dict:
-    """The sidecar JSON of a synthetic array or volume file (``extra``: e.g. its source file)."""
+    """The sidecar JSON of a synthetic array or volume file: generator version, checkpoint SHA-256, seed, sample
+    index, date, and ``extra`` (e.g. its source file, ``config``: the resolved config that made it)."""
     import datetime as _dt
 
     return {"synthetic": True, "generator": f"medsynth {medsynth.__version__}", "checkpoint_sha256": checkpoint_sha256,
@@ -83,7 +84,7 @@ def provenance(path: str | Path) -> Optional[dict]:
         try:
             import nibabel as nib
 
-            descrip = bytes(nib.load(path).header["descrip"]).decode(errors="ignore")
+            descrip = bytes(nib.load(path).header["descrip"]).decode(errors="ignore").rstrip("\x00")
         except Exception:  # noqa: BLE001 - unreadable: not known to be synthetic
             return None
         if not descrip.startswith(NIFTI_DESCRIP):

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from medsynth.io import save_png
+from medsynth.provenance import png_text
 from medsynth.visual import make_grid, orthogonal_slices, to_uint8
 
 
@@ -48,7 +49,7 @@ class ReconstructionLogger(L.Callback):
             caption = "rows: input, reconstruction"
         path = (Path(trainer.default_root_dir) / "reconstructions"
                 / f"epoch={trainer.current_epoch:04d}-step={trainer.global_step}.png")
-        save_png(path, make_grid(rows))
+        save_png(path, make_grid(rows), text=png_text(None, None, -1))  # reconstructions are synthetic
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="reconstructions", images=[str(path)], step=trainer.global_step, caption=[caption])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 import medsynth
 from medsynth.errors import MedsynthError
-from medsynth.io import atomic_write, save_json, save_png
+from medsynth.io import atomic_write, free_path, save_json, save_png
 from medsynth.metrics.distribution import (
     FeatureNet,
     frechet_distance,
@@ -90,9 +91,11 @@ class SampleReport(L.Callback):
         samples_dir = self._samples_dir(trainer)
         scores = _scalar_metrics(trainer)
         if samples_dir is None:  # the judge on real data: keep its scores as the ceiling of later reports
-            if judge:
-                save_json(Path(judge).resolve().parent.parent / REAL_SCORES,
-                          {"judge": judge, "scores": scores, "created": _now()})
+            if judge:  # the newest measurement is the ceiling; an earlier one is kept as real_test.N.json
+                path = Path(judge).resolve().parent.parent / REAL_SCORES
+                if path.is_file():
+                    os.replace(path, free_path(path))
+                save_json(path, {"judge": judge, "scores": scores, "created": _now()})
             return
         images = torch.cat(self._images)[: self.max_images] if self._images else None
         notes = []

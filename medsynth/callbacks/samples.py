@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from medsynth.io import save_png
+from medsynth.provenance import png_text
 from medsynth.visual import colorize_mask, make_grid, to_uint8
 
 
@@ -50,7 +51,7 @@ class SampleGridLogger(L.Callback):
         rows.append([to_uint8(s) for s in samples])
         rows.append([to_uint8(x) for x in batch["image"][:n]])
         path = Path(trainer.default_root_dir) / "samples" / f"epoch={trainer.current_epoch:04d}-step={trainer.global_step}.png"
-        save_png(path, make_grid(rows))
+        save_png(path, make_grid(rows), text=png_text(None, self.seed, -1))  # a preview holds synthetic images
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step,

@@ -30,6 +30,16 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def generated_affine(latent_space: dict) -> np.ndarray:
+    """The affine of a generated volume: the sources' axis directions scaled by the voxel spacing, and their
+    origin (see ``LatentDataModule.voxel_orientation``); identity directions for models that predate them."""
+    affine = np.eye(4)
+    direction = np.asarray(latent_space.get("direction") or np.eye(3), dtype=np.float64)
+    affine[:3, :3] = direction * np.asarray(latent_space.get("spacing") or [1.0, 1.0, 1.0], dtype=np.float64)
+    affine[:3, 3] = latent_space.get("origin") or [0.0, 0.0, 0.0]
+    return affine
+
+
 def run_metadata(trainer, pl_module, entries: dict) -> dict:
     """The ``metadata.json`` of an output folder: ``synthetic: true``, ``entries``, and how it was made (world
     size, precision, model class, versions, date, the resolved config)."""
@@ -84,10 +94,11 @@ class SampleWriter(BasePredictionWriter):
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
         self._seed = getattr(pl_module, "sample_seed", None)
+        self._config = getattr(trainer, "run_config", None)
 
     def _save_sample_array(self, path: Path, sample, index: int) -> None:
         save_npy(path, sample.numpy().astype(np.float32))
-        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index))
+        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index, config=self._config))
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
         masks, labels = prediction.get("mask"), prediction.get("label")
@@ -98,7 +109,7 @@ class SampleWriter(BasePredictionWriter):
             index = int(prediction["index"][i])
             mark = png_text(self._sha, self._seed, index)
             if sample.ndim == 4:
-                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index))
+                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index, config=self._config))
             else:
                 self._save_sample_array(folder / f"{stem}.npy", sample, index)
             if generated is not None:  # a mask generator: the label map is the result
@@ -108,11 +119,11 @@ class SampleWriter(BasePredictionWriter):
                     self._grid.append((None, None, colorize_mask(mask)))
                 self._count += 1
                 continue
-            if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing
-                spacing = ((getattr(pl_module, "latent_space", None) or {}).get("spacing") or [1.0, 1.0, 1.0])
+            if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing and orientation
                 array = sample.numpy()[0] if sample.shape[0] == 1 else np.moveaxis(sample.numpy(), 0, -1)
                 save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32),
-                           np.diag([*map(float, spacing), 1.0]), descrip=nifti_descrip("sample"))
+                           generated_affine(getattr(pl_module, "latent_space", None) or {}),
+                           descrip=nifti_descrip("sample"))
                 view = np.concatenate(orthogonal_slices(sample), axis=1)
             else:
                 view = to_uint8(sample)
@@ -216,7 +227,8 @@ class ReconstructionWriter(BasePredictionWriter):
             else:
                 save_npy(self.output_dir / f"{stem}.npy", x)
                 save_png(self.output_dir / f"{stem}.png", to_uint8(recon[i]), text=png_text(self._sha, None, index))
-            save_json(self.output_dir / f"{stem}.json", sidecar(self._sha, None, index, details="metadata.json", **extra))
+            save_json(self.output_dir / f"{stem}.json", sidecar(self._sha, None, index, details="metadata.json",
+                                                                    config=getattr(trainer, "run_config", None), **extra))
             self._count += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -266,6 +266,19 @@ class LatentDataModule(L.LightningDataModule):
                     for r in self.info["records"] if "affine" in r}
         return list(next(iter(spacings))) if len(spacings) == 1 else [1.0, 1.0, 1.0]
 
+    def voxel_orientation(self) -> tuple[list[list[float]], list[float]]:
+        """The source volumes' axis directions (the unit columns of their affines) and origin, for generated
+        volumes: each where all sources agree, else identity directions and origin 0 (generated volumes have no
+        position of their own; the directions keep viewers showing them the right way round)."""
+        affines = [np.asarray(r["affine"], dtype=np.float64) for r in self.info["records"] if "affine" in r]
+        if not affines:
+            return np.eye(3).tolist(), [0.0, 0.0, 0.0]
+        dirs = {tuple(np.round(a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0), 4).ravel()) for a in affines}
+        origins = {tuple(np.round(a[:3, 3], 4)) for a in affines}
+        direction = np.reshape(next(iter(dirs)), (3, 3)) if len(dirs) == 1 else np.eye(3)
+        origin = list(next(iter(origins))) if len(origins) == 1 else [0.0, 0.0, 0.0]
+        return direction.tolist(), [float(v) for v in origin]
+
     def model_args(self) -> dict:
         """What the model must know about these latents (linked into the model's arguments by the CLI)."""
         info, ae, scaling = self.info, self.info["autoencoder"], self.info["scaling"]
@@ -278,7 +291,8 @@ class LatentDataModule(L.LightningDataModule):
                              "shift": float(scaling["shift"]), "scale": float(scaling["scale"]),
                              "latent_channels": ae.get("latent_channels"),
                              "downsample_factor": ae.get("downsample_factor"),
-                             "spacing": self.voxel_spacing()},
+                             "spacing": self.voxel_spacing(),
+                             "direction": self.voxel_orientation()[0], "origin": self.voxel_orientation()[1]},
         }
 
     # -- datasets

@@ -123,8 +123,9 @@ class SampleDirDataModule(L.LightningDataModule):
         self.image_size = int(size)
         self.batch_size = batch_size
         self.scores_path = self.samples_dir / "scores.json"
-        if self.scores_path.exists() and not overwrite:
-            raise DataError(f"{self.scores_path}: already exists; pass --data.overwrite true to score again")
+        for done in (self.scores_path, self.samples_dir / "report.md"):
+            if done.exists() and not overwrite:
+                raise DataError(f"{done}: already exists; pass --data.overwrite true to score again")
         self._scores_stamp = self._stamp()
         self.dataset: Optional[Dataset] = None
 

@@ -418,7 +418,12 @@ class DiffusionModule(L.LightningModule):
         final, tmp = Path(folder) / "unet", Path(folder) / ".unet.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         self.net.save_pretrained(tmp, sample_size=self.image_size)  # complete, then moved into place
-        if final.exists():  # the caller checked that overwriting was asked for
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the caller checked that overwriting was asked for; a kill here loses neither
+            old = Path(folder) / ".unet.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
         return final

@@ -118,6 +118,12 @@ def test_export_writes_diffusers_unet(trained, tmp_path):
     assert unet.config.in_channels == 1 + 3 and unet.config.out_channels == 1 and unet.config.sample_size == 16
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
     assert torch.equal(unet.conv_in.weight, state["net.unet.conv_in.weight"])
+    # an existing export is replaced only when asked, and then whole (no leftovers of the swap)
+    export = ["export", *BASE, *dargs, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out]
+    assert run(*export) == 2
+    assert run(*export, "--overwrite", "true") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["unet"]
+    assert UNet2DModel.from_pretrained(str(out / "unet")).config.in_channels == 4
 
 
 def test_bad_data_fails_with_one_line_naming_the_file(seg_dataset, tmp_path, capsys):
@@ -242,6 +248,7 @@ def test_samples_are_marked_synthetic(trained, tmp_path, seg_dataset):
     assert "SYNTHETIC" in Image.open(png).text["Description"]
     info = provenance(npy)
     assert info["synthetic"] is True and info["seed"] == 7 and info["checkpoint_sha256"] == meta["checkpoint_sha256"]
+    assert info["config"] == meta["config"] and info["generator"].startswith("medsynth ") and info["created"]
     assert provenance(png)["index"] == info["index"]
     real = seg_dataset[0] / "train" / "case_train_000.png"
     assert provenance(real) is None

@@ -182,7 +182,7 @@ def test_hostile_input_is_refused_in_one_line(corrupt, tmp_path, capsys):
     code = run("fit", *BASE, *data_args(img, seg), *d["args"], "--trainer.default_root_dir", run_dir)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err and err[-1].startswith("medsynth: error: ") and str(culprit) in err[-1]
+    assert len(err) == 1 and err[0].startswith("medsynth: error: ") and str(culprit) in err[0], err
     assert not any("Traceback" in line for line in err)
     assert not run_dir.exists()  # nothing written
 
@@ -288,6 +288,51 @@ def test_hostile_3d_input_is_refused_in_one_line(corrupt, tmp_path, capsys):
     code = run("fit", *AE3D, "--data.manifest", d["manifest"], *d["args"], "--trainer.default_root_dir", run_dir)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err and err[-1].startswith("medsynth: error: ") and str(culprit) in err[-1]
+    assert len(err) == 1 and err[0].startswith("medsynth: error: ") and str(culprit) in err[0], err
     assert not any("Traceback" in line for line in err)
     assert not run_dir.exists()  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------------- at predict
+def test_hostile_input_at_predict_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Prediction checks its inputs before the output folder is made: volumes with NaNs or a 4th axis for the
+    3D autoencoder, and two masks that would write one output name (train/x and test/x with split ``all``)."""
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    d = {"vols": vols}
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        _nifti(d, name, rng.normal(100, 10, (16, 16, 16)).astype(np.float32))
+    manifest = vols / "manifest.json"
+    manifest.write_text(json.dumps([{"image": f"{n}.nii.gz", "split": s} for n, s in
+                                    (("a", "train"), ("b", "train"), ("c", "val"))]))
+    ae_run = tmp_path / "ae"
+    assert run("fit", *AE3D, "--data.manifest", manifest, "--trainer.max_steps", 1,
+               "--trainer.default_root_dir", ae_run) == 0
+    ae_ckpt = ae_run / "checkpoints" / "last.ckpt"
+    cases = []
+    for name, corrupt in (("nan", nifti_nan), ("four_d", nifti_4d)):
+        sub = tmp_path / name
+        sub.mkdir()
+        bad = {"vols": sub}
+        for n in ("b", "c"):
+            (sub / f"{n}.nii.gz").write_bytes((vols / f"{n}.nii.gz").read_bytes())
+        culprit = corrupt(bad)
+        (sub / "manifest.json").write_text(manifest.read_text())
+        cases.append((["predict", *AE3D, "--ckpt_path", ae_ckpt, "--data.manifest", sub / "manifest.json"], culprit))
+
+    img, seg = make_seg_dataset(tmp_path / "data")
+    seg_run = tmp_path / "seg"
+    assert run("fit", *BASE, *data_args(img, seg), "--trainer.max_steps", 1, "--trainer.default_root_dir", seg_run) == 0
+    for folder in (img, seg / "all"):  # a test mask named like a training one
+        os.replace(folder / "test" / "case_test_000.png", folder / "test" / "case_train_000.png")
+    cases.append((["predict", *BASE, *data_args(img, seg), "--ckpt_path", seg_run / "checkpoints" / "last.ckpt",
+                   "--data.predict_split", "all"], "case_train_000"))
+
+    for i, (args, culprit) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        capsys.readouterr()
+        assert run(*args, "--output_dir", out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("medsynth: error: ") and str(culprit) in err[0], err
+        assert not out.exists()

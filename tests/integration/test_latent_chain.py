@@ -81,6 +81,9 @@ def test_fit_on_latents_then_generate_nifti_volumes_per_class(encoded, tmp_path)
         img = nib.load(files[0])
         assert img.shape == (16, 24, 16)
         np.testing.assert_allclose(img.header.get_zooms(), (1.2, 1.1, 1.5), rtol=1e-5)
+        # the sources' axis directions (permuted, one flipped) at the chosen spacing; their origins differ: 0
+        np.testing.assert_allclose(img.affine, [[0, -1.1, 0, 0], [1.2, 0, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]],
+                                   atol=1e-5)
         assert np.isfinite(img.get_fdata()).all() and np.abs(img.get_fdata()).max() <= 1.0 + 1e-6
         assert provenance(files[0])["synthetic"] is True
     meta = json.loads((out / "metadata.json").read_text())
