@@ -321,10 +321,13 @@ class LatentWriter(BasePredictionWriter):
             shift, scale = mean, 1.0 / max((squares / n - mean * mean) ** 0.5, 1e-8)
         data = trainer.datamodule
         names = getattr(data, "class_names", None) if data is not None else None
+        scaling = {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high}
+        # each record names its scaling and encoder too, so records merged from several encodings are caught
+        records = [dict(r, scaling=scaling, autoencoder_sha256=self._sha) for r in records]
         save_json(self.output_dir / LATENT_MANIFEST, {
             "kind": "medsynth latents",
             "version": 1,
-            "scaling": {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high},
+            "scaling": scaling,
             "autoencoder": {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha,
                             **pl_module.latent_description()},
             "class_names": names,

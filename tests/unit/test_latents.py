@@ -48,7 +48,8 @@ def test_latent_manifest_reads_and_scales(tmp_path):
     assert LatentDataModule(manifest=m, output_shape=[64, 32, 32]).sample_shape() == [16, 8, 8]
 
 
-@pytest.mark.parametrize("problem", ["channels", "dims", "missing", "not_manifest", "other_encoder", "escape"])
+@pytest.mark.parametrize("problem", ["channels", "dims", "missing", "not_manifest", "other_encoder", "other_scaling",
+                                     "escape"])
 def test_bad_latent_manifests_are_refused_naming_the_file(tmp_path, problem):
     m = write_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 8, 8)})
     info = json.loads(m.read_text())
@@ -66,6 +67,10 @@ def test_bad_latent_manifests_are_refused_naming_the_file(tmp_path, problem):
         m.write_text(json.dumps([{"image": "x.nii.gz"}]))
     elif problem == "other_encoder":
         info["records"][1]["autoencoder_sha256"] = "def"
+        m.write_text(json.dumps(info))
+    elif problem == "other_scaling":  # records merged from two encodings, each min-max scaled on its own
+        info["records"][0]["scaling"] = info["scaling"]
+        info["records"][1]["scaling"] = dict(info["scaling"], shift=0.1)
         m.write_text(json.dumps(info))
     elif problem == "escape":
         info["records"][1]["latent"] = "../../b.npy"
@@ -110,5 +115,6 @@ def test_3d_class_guidance_combines_conditional_and_null_predictions():
 
     m.sample(labels=labels, guidance_scale=2.0, sampler=Once(1))
     assert torch.allclose(captured["out"], u + 2.0 * (c - u), atol=1e-4)
-    assert torch.allclose(u + 1.0 * (c - u), c, atol=1e-5)  # scale 1 is the conditional model
+    # scale 1 is the conditional model: guided sampling (the doubled batch and u + w (c - u)) meets it as w -> 1
+    assert torch.allclose(m.sample(labels=labels, guidance_scale=1.0 + 1e-4), plain, atol=1e-3)
     assert not torch.allclose(m.sample(labels=labels, guidance_scale=3.0), plain, atol=1e-3)
