@@ -81,10 +81,11 @@ def class_map_files(folder: Path, split: str) -> list[Path]:
 class LabelledImageDataset(Dataset):
     """Images with class labels: items ``image`` ``(C, S, S)`` in [-1, 1], ``label``, ``name``, ``index``."""
 
-    def __init__(self, items, image_size: int, channels: int, random_flip: bool = False, intensity_range=None):
+    def __init__(self, items, image_size: int, channels: int, random_flip: bool = False, intensity_range=None,
+                 splits: bool = False):
         self.items = list(items)
         self.image_size, self.channels = image_size, channels
-        self.random_flip, self.intensity_range = random_flip, intensity_range
+        self.random_flip, self.intensity_range, self.splits = random_flip, intensity_range, splits
 
     def __len__(self) -> int:
         return len(self.items)
@@ -95,7 +96,10 @@ class LabelledImageDataset(Dataset):
                          self.image_size)
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return {"image": x, "label": label, "name": rec.name, "index": index}
+        item = {"image": x, "label": label, "name": rec.name, "index": index}
+        if self.splits:  # encoding: latents keep their split
+            item["split"] = rec.split
+        return item
 
 
 class ClassSampleDataset(Dataset):
@@ -125,6 +129,9 @@ class ClassImageDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         random_flip: flip training images left-right at random.
         samples_per_class: images ``predict`` samples of each class.
+        predict_images: ``predict`` yields the real images of every split with their labels instead (to encode
+            them with an autoencoder for 2D latent diffusion, ``configs/encode2d.yaml``); each is named
+            ``<class_name>_<split>_<file stem>``.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class ClassImageDataModule(L.LightningDataModule):
         num_workers: int = 2,
         random_flip: bool = False,
         samples_per_class: int = 8,
+        predict_images: bool = False,
     ) -> None:
         super().__init__()
         if (manifest is None) == (root is None):
@@ -147,7 +155,7 @@ class ClassImageDataModule(L.LightningDataModule):
         self.root = Path(root) if root is not None else None
         self.image_size, self.channels, self.intensity_range = image_size, channels, intensity_range
         self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
-        self.samples_per_class = samples_per_class
+        self.samples_per_class, self.predict_images = samples_per_class, predict_images
         self.class_names, self.folders = self._classes()
         self.datasets: dict[str, Dataset] = {}
 
@@ -196,7 +204,23 @@ class ClassImageDataModule(L.LightningDataModule):
         elif stage == "validate":
             self.datasets["val"] = self._dataset("val")
         elif stage == "predict":
-            self.datasets["predict"] = ClassSampleDataset(self.class_names, self.samples_per_class)
+            self.datasets["predict"] = (self._real_images() if self.predict_images
+                                        else ClassSampleDataset(self.class_names, self.samples_per_class))
+
+    def _real_images(self) -> LabelledImageDataset:
+        """Every real image of every split, labelled and named ``<class>_<split>_<stem>`` (for encoding)."""
+        items, seen = [], {}
+        for split in ("train", "val", "test"):
+            if split != "train" and not any(self._class_files(k, split) for k in range(len(self.class_names))):
+                continue  # no val/test images: nothing to encode there
+            for rec, label in self._items(split):
+                name = f"{self.class_names[label]}_{split}_{Path(rec.image).stem}"
+                if name in seen:
+                    raise DataError(f"{rec.image}: named like {seen[name]} once encoded ({name}); keep one of "
+                                    "NAME.png and NAME.npy")
+                seen[name] = rec.image
+                items.append((ImageRecord(f"{name}{Path(rec.image).suffix}", split, rec.image), label))
+        return LabelledImageDataset(items, self.image_size, self.channels, False, self.intensity_range, splits=True)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         ds = self.datasets[split]

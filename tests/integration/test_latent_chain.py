@@ -149,3 +149,46 @@ def test_2d_chain_vae_encode_ldm_sample_follows_the_masks_layout(tmp_path, seg_d
     written = np.array(Image.open(out / "masks" / f"{names[0]}.png"))
     original = np.array(Image.open(seg_dir / "all" / "test" / f"{names[0]}.png").resize((16, 16), Image.NEAREST))
     assert written.shape == (16, 16) and (written == original).mean() > 0.9  # the conditioning mask, full size
+
+
+def test_2d_class_chain_vae_encode_ldm_samples_a_folder_per_class(tmp_path):
+    """Class-conditional 2D latent diffusion: class-labelled images encoded with their labels, a class-guided
+    UNet on the latents, decoded samples written per class."""
+    from tests.integration.test_classifier import CLASSES, make_shapes
+
+    class_map = make_shapes(tmp_path / "shapes")
+    data = ["--data", "medsynth.data.ClassImageDataModule", "--data.manifest", str(class_map), "--data.num_workers", "0"]
+    vae = ["--config", str(ROOT / "configs/vae2d.yaml"), "--model.net.init_args.channels", "[8, 16]",
+           "--model.net.init_args.num_res_blocks", "1", "--model.net.init_args.norm_num_groups", "4",
+           "--model.discriminator", "null", *data, "--data.image_size", "16", "--data.batch_size", "4",
+           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *vae, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "vae")])
+    latents = tmp_path / "latents"
+    main(["predict", "--config", str(ROOT / "configs/encode2d.yaml"), "--ckpt_path",
+          str(tmp_path / "vae/checkpoints/last.ckpt"), *data, "--data.predict_images", "true",
+          "--output_dir", str(latents)])
+    info = json.loads((latents / "latents.json").read_text())
+    assert info["class_names"] == list(CLASSES) and len(info["records"]) == 2 * (8 + 4 + 4)
+    recs = {r["name"]: r for r in info["records"]}
+    assert recs["square_val_square_002"]["label"] == 1 and recs["disc_train_disc_000"]["split"] == "train"
+    assert {r["split"] for r in info["records"]} == {"train", "val", "test"}
+    ae, side = info["autoencoder"], 16 // info["autoencoder"]["downsample_factor"]
+    assert np.load(latents / recs["disc_test_disc_000"]["latent"]).shape == (ae["latent_channels"], side, side)
+
+    ldm = ["--config", str(ROOT / "configs/ldm2d.yaml"), "--model.net.init_args.block_out_channels", "[8, 16]",
+           "--model.net.init_args.attention_levels", "[false, false]", "--model.net.init_args.layers_per_block", "1",
+           "--model.net.init_args.norm_num_groups", "4", "--model.sampler.init_args.num_inference_steps", "2",
+           "--data.num_classes", "0", "--data.batch_size", "4", "--data.num_workers", "0", "--data.num_samples", "3",
+           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *ldm, "--data.manifest", str(latents / "latents.json"), "--model.label_drop_prob", "0.1",
+          "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "ldm")])
+    ckpt = torch.load(tmp_path / "ldm/checkpoints/last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["hyper_parameters"]["class_names"] == list(CLASSES)
+    out = tmp_path / "samples"
+    main(["predict", *ldm, "--ckpt_path", str(tmp_path / "ldm/checkpoints/last.ckpt"), "--model.guidance_scale", "2",
+          "--output_dir", str(out)])
+    for name in CLASSES:
+        files = sorted((out / name).glob("*.npy"))
+        assert len(files) == 3 and np.load(files[0]).shape == (1, 16, 16)  # decoded to image size
+        assert provenance(files[0])["synthetic"] is True
+    assert json.loads((out / "metadata.json").read_text())["class_names"] == list(CLASSES)
