@@ -5,23 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
+from medsynth.errors import MedsynthError
 from medsynth.io import save_png
 from medsynth.provenance import png_text
-from medsynth.visual import colorize_mask, make_grid, to_uint8
+from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, pad_to, to_uint8
 
 
 class SampleGridLogger(L.Callback):
-    """Every ``every_n_epochs`` epochs, sample on the first validation batch's masks and save a grid.
+    """Every ``every_n_epochs`` epochs, sample on the first validation batch's conditions and save a grid.
 
-    Rows: conditioning masks, samples, the real images (unconditional models: samples only). The grid is written
-    to ``<default_root_dir>/samples/epoch=E-step=S.png`` and logged to W&B when a ``WandbLogger`` is in use.
-    Sampling runs inside the validation epoch, so with EMA it shows the averaged weights.
+    Images: rows of conditioning masks, samples, the real images (unconditional models: samples, real). Volumes:
+    one row per volume with its three orthogonal mid-slices (sagittal, coronal, axial), the samples' rows above the
+    real volumes'. Latent models show decoded pictures: their frozen autoencoder decodes samples and real latents
+    (without one, the latents' first channel is shown, with a warning). The grid is written to
+    ``<default_root_dir>/samples/epoch=E-step=S.png`` (marked synthetic) and logged to W&B when a
+    ``WandbLogger`` is in use. Sampling runs inside the validation epoch, so with EMA it shows the averaged weights.
 
     Args:
         every_n_epochs: epochs between grids; 0 disables.
-        num_samples: images per grid (at most the validation batch size for masked models).
+        num_samples: images or volumes per grid (at most the validation batch size for conditioned models).
         seed: sampling seed, fixed so successive grids differ only by the weights.
     """
 
@@ -29,6 +36,19 @@ class SampleGridLogger(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.seed = seed
+        self._warned = False
+
+    def _decoded(self, pl_module, samples: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples and real examples as images/volumes: decoded by a latent model's autoencoder."""
+        if getattr(pl_module, "latent_space", None) is None:
+            return samples, real
+        try:
+            return pl_module.decode(samples), pl_module.decode(real.to(pl_module.device))
+        except MedsynthError as exc:
+            if not self._warned:
+                rank_zero_warn(f"sample previews show raw latents (first channel): {exc}")
+                self._warned = True
+            return samples, real
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if (
@@ -45,14 +65,24 @@ class SampleGridLogger(L.Callback):
         mask = batch["mask"][:n] if "mask" in batch else None
         labels = batch["label"][:n] if "label" in batch else None
         samples = pl_module.sample(mask, labels, indices=list(range(n)), seed=self.seed)
-        rows = []
-        if mask is not None:
-            rows.append([colorize_mask(m) for m in mask])
-        rows.append([to_uint8(s) for s in samples])
-        rows.append([to_uint8(x) for x in batch["image"][:n]])
+        samples, real = self._decoded(pl_module, samples, batch["image"][:n])
+        if samples.ndim == 5:  # volumes (B, C, X, Y, Z): a row of three mid-slices per volume
+            rows = [orthogonal_slices(v) for v in samples] + [orthogonal_slices(v) for v in real]
+            caption = f"rows: {n} sampled then {n} real volumes, each sagittal / coronal / axial"
+        else:
+            rows = []
+            if mask is not None:
+                shown = batch.get("image_mask", mask)[:n]
+                if shown.shape[-2:] != samples.shape[-2:]:  # latent-grid masks beside decoded images
+                    shown = F.interpolate(shown[:, None].float(), size=samples.shape[-2:], mode="nearest")[:, 0].long()
+                rows.append([colorize_mask(m) for m in shown])
+            rows.append([to_uint8(s) for s in samples])
+            rows.append([to_uint8(x) for x in real])
+            caption = "rows: masks, samples, real" if mask is not None else "rows: samples, real"
+        side = max(max(p.shape[:2]) for row in rows for p in row)
+        rows = [[pad_to(p, side) for p in row] for row in rows]
         path = Path(trainer.default_root_dir) / "samples" / f"epoch={trainer.current_epoch:04d}-step={trainer.global_step}.png"
         save_png(path, make_grid(rows), text=png_text(None, self.seed, -1))  # a preview holds synthetic images
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step,
-                                 caption=["rows: masks, samples, real" if mask is not None else "rows: samples, real"])
+                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step, caption=[caption])

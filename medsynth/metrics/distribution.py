@@ -28,7 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from medsynth.errors import MedsynthError
-from medsynth.metrics.reconstruction import ms_ssim, ssim
+from medsynth.metrics.reconstruction import MS_SSIM_MIN_SIDE, ms_ssim, ssim
 
 
 class FeatureNet(nn.Module):
@@ -129,6 +129,6 @@ def mean_pairwise_similarity(samples: Tensor, max_pairs: int = 200, seed: int = 
         pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:max_pairs].tolist()]
     a = samples[[i for i, _ in pairs]].float()
     b = samples[[j for _, j in pairs]].float()
-    multiscale = samples.ndim == 4 and min(samples.shape[2:]) >= (7 - 1) * 2 ** 2 + 1
+    multiscale = samples.ndim == 4 and min(samples.shape[2:]) >= MS_SSIM_MIN_SIDE
     values = ms_ssim(a, b) if multiscale else ssim(a, b)
     return float(values.mean())

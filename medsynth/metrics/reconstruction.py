@@ -16,6 +16,9 @@ from torchmetrics.functional.image import (
 DATA_RANGE = 2.0
 """Intensities live in [-1, 1]."""
 
+MS_SSIM_MIN_SIDE = (7 - 1) * 2 ** (3 - 1) + 1
+"""The smallest side :func:`ms_ssim` takes with its defaults (a 7-pixel window at 3 scales): 25."""
+
 
 def psnr(pred: Tensor, target: Tensor, data_range: float = DATA_RANGE) -> Tensor:
     """Peak signal-to-noise ratio in dB per sample ``(B,)``: ``10 log10(range^2 / MSE)``."""

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from medsynth.errors import MedsynthError
 from medsynth.losses.adversarial import AdversarialLoss
 from medsynth.losses.perceptual import PerceptualLoss
-from medsynth.metrics import psnr, ssim
+from medsynth.metrics import ms_ssim, psnr, ssim
+from medsynth.metrics.reconstruction import MS_SSIM_MIN_SIDE
 from medsynth.nets.autoencoders import KLAutoencoder
 from medsynth.nets.tiling import encode_patchwise, reconstruct
 
@@ -309,6 +310,8 @@ class AutoencoderModule(L.LightningModule):
         self.log(f"{prefix}/loss", l1, prog_bar=True, sync_dist=True, batch_size=n)
         self.log(f"{prefix}/psnr", psnr(recon, x).mean(), prog_bar=True, sync_dist=True, batch_size=n)
         self.log(f"{prefix}/ssim", ssim(recon, x).mean(), sync_dist=True, batch_size=n)
+        if min(x.shape[2:]) >= MS_SSIM_MIN_SIDE:  # three dyadic scales of a 7-voxel window must fit
+            self.log(f"{prefix}/ms_ssim", ms_ssim(recon, x).mean(), sync_dist=True, batch_size=n)
         return {"image": x.detach(), "reconstruction": recon.detach()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

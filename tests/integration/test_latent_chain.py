@@ -68,7 +68,15 @@ def test_encoding_writes_latents_and_a_manifest_whose_scaling_round_trips(encode
 
 def test_fit_on_latents_then_generate_nifti_volumes_per_class(encoded, tmp_path):
     run = tmp_path / "ldm"
-    main(["fit", *LDM, "--data.manifest", str(encoded["latents"] / "latents.json"), "--trainer.default_root_dir", str(run)])
+    main(["fit", *LDM, "--data.manifest", str(encoded["latents"] / "latents.json"), "--trainer.default_root_dir", str(run),
+          "--trainer.callbacks+=medsynth.callbacks.SampleGridLogger", "--trainer.callbacks.every_n_epochs", "1",
+          "--trainer.callbacks.num_samples", "2"])
+    # the dashboard picture: a sampled and the real (one val volume) latent crop 8^3, decoded to 16^3: 3 mid-slices
+    previews = sorted((run / "samples").glob("*.png"))
+    assert previews and provenance(previews[-1])["synthetic"] is True
+    from PIL import Image
+
+    assert Image.open(previews[-1]).size == (3 * (16 + 2) + 2, 2 * (16 + 2) + 2)
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     assert not any(k.startswith("_codec") for k in state)  # the autoencoder is not part of the trained weights
@@ -138,7 +146,12 @@ def test_2d_chain_vae_encode_ldm_sample_follows_the_masks_layout(tmp_path, seg_d
            "--data.num_classes", "3", "--data.batch_size", "4", "--data.num_workers", "0",
            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     main(["fit", *ldm, "--data.manifest", str(latents / "latents.json"), "--trainer.max_steps", "2",
-          "--trainer.default_root_dir", str(tmp_path / "ldm")])
+          "--trainer.default_root_dir", str(tmp_path / "ldm"), "--trainer.callbacks+=medsynth.callbacks.SampleGridLogger",
+          "--trainer.callbacks.every_n_epochs", "1", "--trainer.callbacks.num_samples", "2"])
+    from PIL import Image
+
+    # preview: masks, decoded samples and decoded real latents, 2 each at the 16-pixel image size
+    assert [Image.open(p).size for p in (tmp_path / "ldm" / "samples").glob("*.png")] == [(2 * 18 + 2, 3 * 18 + 2)]
     out = tmp_path / "samples"
     main(["predict", *ldm, "--ckpt_path", str(tmp_path / "ldm/checkpoints/last.ckpt"), "--output_dir", str(out)])
     names = sorted(p.stem for p in (img_dir / "test").glob("*.png"))
