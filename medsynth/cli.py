@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import yaml
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -408,12 +409,15 @@ def _one_line(message: str) -> str:
 
 def _find_user_error(exc: BaseException) -> Optional[str]:
     """The one-line message of the user error behind ``exc``: a :class:`MedsynthError` (jsonargparse wraps those
-    raised while instantiating) or a configuration error from the parser; ``None`` for anything else (a bug)."""
+    raised while instantiating), a configuration error from the parser, or a Trainer setting Lightning refuses for
+    the model; ``None`` for anything else (a bug)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedsynthError):
             return str(exc)
         if isinstance(exc, (ArgumentError, argparse.ArgumentError)):
+            return "configuration: " + _one_line(str(exc))
+        if isinstance(exc, MisconfigurationException):  # Lightning refusing a Trainer setting for this model
             return "configuration: " + _one_line(str(exc))
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

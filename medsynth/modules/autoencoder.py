@@ -227,8 +227,6 @@ class AutoencoderModule(L.LightningModule):
         if "16-mixed" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
             raise MedsynthError("AutoencoderModule trains with 32-true or bf16-mixed precision (16-mixed's loss "
                                 "scaling does not fit the manual GAN step)")
-        if self.trainer.gradient_clip_val:
-            raise MedsynthError("remove trainer.gradient_clip_val: the autoencoder clips by hand (model.gradient_clip)")
         if self.trainer.world_size > 1:  # different noise/dead-code draws per rank
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 

@@ -268,9 +268,14 @@ def stage1_checkpoint_of_another_model(d):
     return c
 
 
+def trainer_clipping_with_manual_optimisation(d):
+    d["args"] = ["--trainer.gradient_clip_val", "1.0"]  # the GAN autoencoder clips by hand (model.gradient_clip)
+    return "gradient_clip_val"
+
+
 CATALOGUE_3D = [nifti_nan, nifti_4d, nifti_wrong_channels, nifti_truncated_gzip, nifti_not_gzip,
                 patch_larger_than_volume, volume_manifest_escaping_root, stage2_without_stage1_checkpoint,
-                stage1_checkpoint_missing, stage1_checkpoint_of_another_model]
+                stage1_checkpoint_missing, stage1_checkpoint_of_another_model, trainer_clipping_with_manual_optimisation]
 
 
 @pytest.mark.parametrize("corrupt", CATALOGUE_3D, ids=lambda f: f.__name__)

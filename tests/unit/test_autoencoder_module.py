@@ -177,3 +177,41 @@ def test_progressive_resolution_moves_up_on_a_plateau_and_resumes_there(tmp_path
     t.save_checkpoint(tmp_path / "p.ckpt")
     _, seen2, prog2 = run(8, ckpt=tmp_path / "p.ckpt")
     assert prog2.stage == 1 and seen2.sizes and set(seen2.sizes) == {16}
+
+
+class GradNorms(L.Callback):
+    """Records the autoencoder's gradient norm as each generator step reaches its optimiser."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if optimizer is trainer.optimizers[0]:
+            grads = [p.grad.flatten() for p in pl_module.net.parameters() if p.grad is not None]
+            self.norms.append(float(torch.cat(grads).norm()))
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_gradients_are_clipped_by_hand(tmp_path, clip):
+    torch.manual_seed(0)
+    module = AutoencoderModule(net=tiny_kl(), discriminator=tiny_disc(), image_size=16, adversarial_start_step=1,
+                               lr=1e-3, gradient_clip=clip)
+    norms = GradNorms()
+    trainer(tmp_path, max_steps=3, callbacks=[norms]).fit(module, DataLoader(Images(6, (1, 16, 16)), batch_size=2))
+    assert len(norms.norms) == 3
+    if clip:
+        assert max(norms.norms) <= clip * 1.001  # every generator step, the GAN steps included
+    else:
+        assert min(norms.norms) > 1e-2  # unclipped, the same run's gradients are far larger
+
+
+def test_validation_logs_psnr_ssim_and_ms_ssim(tmp_path):
+    torch.manual_seed(0)
+    module = AutoencoderModule(net=tiny_kl(), image_size=32, lr=1e-3)
+    data = DataLoader(Images(4, (1, 32, 32)), batch_size=2)
+    t = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    t.fit(module, data, data)
+    m = t.callback_metrics
+    assert {"val/loss", "val/psnr", "val/ssim", "val/ms_ssim"} <= set(m)
+    assert 0 < float(m["val/psnr"]) < 60 and -1 <= float(m["val/ssim"]) <= 1 and 0 <= float(m["val/ms_ssim"]) <= 1

@@ -295,3 +295,17 @@ def test_reconstruct_a_volume_larger_than_the_patch_with_a_real_net():
     with torch.no_grad():
         out = reconstruct(net, x, patch_size=8, decode_tile=4, overlap=0.5, batch=2)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_3d_patch_volume_autoencoder_at_8x_compression():
+    """The 8x variant of 3D MedDiffusion (four levels) encodes and decodes volumes, gradients reaching the input."""
+    net = PatchVolumeAutoencoder(spatial_dims=3, channels=(4, 4, 8, 8), latent_channels=2, num_codes=16,
+                                 norm_num_groups=4)
+    assert net.downsample_factor == 8
+    x = (torch.rand(1, 1, 16, 16, 24) * 2 - 1).requires_grad_()
+    z = net.encode(x)
+    assert z.shape == (1, 2, 2, 2, 3)
+    recon, reg = net(x)
+    assert recon.shape == x.shape
+    (recon.abs().mean() + reg).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
