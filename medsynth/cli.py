@@ -316,7 +316,7 @@ class MedsynthCLI(LightningCLI):
         # is written, so a bad one leaves no run folder behind.
         check = getattr(self.model, "check_fit_inputs", None)
         if check is not None:
-            check()
+            check(self.datamodule)
 
     def before_predict(self) -> None:
         self._check_checkpoint_matches_data()

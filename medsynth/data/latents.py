@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError
@@ -81,14 +81,44 @@ def _split_of(name: str, val_fraction: float) -> str:
     return "val" if int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction else "train"
 
 
+def random_crop(z: torch.Tensor, mask: Optional[torch.Tensor], size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A random cube of side ``size`` of a latent ``(C, *spatial)`` and the same window of its mask ``(*spatial)``."""
+    starts = [int(torch.randint(0, s - size + 1, ())) for s in z.shape[1:]]
+    window = tuple(slice(a, a + size) for a in starts)
+    return z[(slice(None), *window)], (mask[window] if mask is not None else None)
+
+
+class RandomSizeCrop:
+    """Collates training latents cropped to one side drawn per batch from ``sizes`` (each crop at its own random
+    place), so a net sees every latent size it is meant to generate; a picklable ``collate_fn``."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = list(sizes)
+
+    def __call__(self, items: list[dict]) -> dict:
+        size = self.sizes[int(torch.randint(0, len(self.sizes), ()))]
+        out = []
+        for item in items:
+            z, mask = random_crop(item["image"], item.get("mask"), size)
+            item = dict(item, image=z.contiguous())
+            if mask is not None:
+                item["mask"] = mask.contiguous()
+            out.append(item)
+        return default_collate(out)
+
+
 class LatentDataset(Dataset):
     """Scaled latents ``image`` ``(C, *spatial)`` (+ ``label``, + ``mask`` resized to the latent grid), randomly
-    cropped to ``crop_size`` and flipped when training."""
+    cropped to ``crop_size`` and flipped when training.
+
+    ``defer_crop`` leaves the latents whole for a collate function that crops each batch (:class:`RandomSizeCrop`).
+    """
 
     def __init__(self, records: list[dict], shift: float, scale: float, crop_size: Optional[int] = None,
-                 random_flip: bool = False, num_classes: int = 0) -> None:
+                 random_flip: bool = False, num_classes: int = 0, defer_crop: bool = False) -> None:
         self.records, self.shift, self.scale = records, shift, scale
         self.crop_size, self.random_flip, self.num_classes = crop_size, random_flip, num_classes
+        self.defer_crop = defer_crop
 
     def __len__(self) -> int:
         return len(self.records)
@@ -103,13 +133,10 @@ class LatentDataset(Dataset):
 
             m = torch.from_numpy(read_mask(Path(rec["mask"]), self.num_classes).astype(np.int64))
             mask = F.interpolate(m[None, None].float(), size=z.shape[1:], mode="nearest")[0, 0].long()
-            if not self.crop_size:
+            if not self.crop_size and not self.defer_crop:
                 item["image_mask"] = m  # at image resolution: what a sample decoded from this latent should follow
-        if self.crop_size:
-            starts = [int(torch.randint(0, s - self.crop_size + 1, ())) for s in z.shape[1:]]
-            window = tuple(slice(a, a + self.crop_size) for a in starts)
-            z = z[(slice(None), *window)]
-            mask = mask[window] if mask is not None else None
+        if self.crop_size and not self.defer_crop:
+            z, mask = random_crop(z, mask, self.crop_size)
         if self.random_flip:
             for axis in range(1, z.ndim):
                 if torch.rand(()) < 0.5:
@@ -155,8 +182,10 @@ class LatentDataModule(L.LightningDataModule):
             (or the 2D encoding recipe).
         num_classes: mask classes counting background for mask-guided latent diffusion (masks are resized to the
             latent grid, nearest neighbour); 0 ignores masks.
-        crop_size: side in latent voxels of random training crops; ``None`` trains on whole latents (they must
-            share a shape).
+        crop_size: side in latent voxels of random training crops; a list of sides crops each training batch to
+            one of them, drawn at random, so BiFlowNet's resolution embedding and sub-volume positions learn every
+            size in the list (generate at those sizes); validation uses the largest. ``None`` trains on whole
+            latents (they must share a shape).
         val_fraction: share of latents without a split that validate (chosen by a hash of the name).
         batch_size: latents per batch (per device).
         num_workers: DataLoader worker processes.
@@ -173,7 +202,7 @@ class LatentDataModule(L.LightningDataModule):
         self,
         manifest: Optional[Path] = None,
         num_classes: int = 0,
-        crop_size: Optional[int] = None,
+        crop_size: Optional[int | list[int]] = None,
         val_fraction: float = 0.1,
         batch_size: int = 4,
         num_workers: int = 2,
@@ -189,7 +218,12 @@ class LatentDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.manifest = Path(manifest) if manifest is not None else None
         self.num_classes = num_classes
-        self.crop_size = crop_size
+        sizes = sorted({int(c) for c in crop_size}) if isinstance(crop_size, (list, tuple)) else (
+            [int(crop_size)] if crop_size else [])
+        if any(c < 1 for c in sizes):
+            raise DataError(f"data.crop_size={crop_size}: crop sides must be positive")
+        self.crop_sizes = sizes
+        self.crop_size = sizes[-1] if sizes else None  # the largest: validation crops, the default sample shape
         self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -297,11 +331,16 @@ class LatentDataModule(L.LightningDataModule):
 
     # -- datasets
 
+    def training_shapes(self) -> list[list[int]]:
+        """The latent shapes training batches take (one per crop size, or the whole latents')."""
+        dims = len(self.latent_shape())
+        return [[c] * dims for c in self.crop_sizes] if self.crop_sizes else [self.latent_shape()]
+
     def _dataset(self, split: str, train: bool = False) -> LatentDataset:
         s = self.info["scaling"]
-        crop = self.crop_size if train or self.crop_size else None
-        return LatentDataset(self.records(split), float(s["shift"]), float(s["scale"]), crop,
-                             random_flip=train and self.random_flip, num_classes=self.num_classes)
+        return LatentDataset(self.records(split), float(s["shift"]), float(s["scale"]), self.crop_size,
+                             random_flip=train and self.random_flip, num_classes=self.num_classes,
+                             defer_crop=train and len(self.crop_sizes) > 1)
 
     def setup(self, stage: str) -> None:
         self.latent_shape()  # shapes agree (or a crop is given) before anything runs
@@ -319,9 +358,11 @@ class LatentDataModule(L.LightningDataModule):
                 self.datasets["predict"] = GenerationDataset(self.num_samples, self.class_names)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        ds = self.datasets[split]
+        collate = RandomSizeCrop(self.crop_sizes) if getattr(ds, "defer_crop", False) else None
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0 and split == "train",
-                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
+                          drop_last=shuffle and len(ds) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -161,7 +161,7 @@ class AutoencoderModule(L.LightningModule):
                 for p in m.parameters():
                     p.requires_grad_(True)
 
-    def check_fit_inputs(self) -> None:
+    def check_fit_inputs(self, datamodule=None) -> None:
         """Refuse a missing or foreign stage-1 checkpoint before training starts (the CLI calls this)."""
         if self.init_from is not None:
             self._read_stage1(self.init_from)

@@ -384,6 +384,20 @@ class DiffusionModule(L.LightningModule):
             return decode_tiled(codec.net.decode, z, tile or max(z.shape[2:]), factor,
                                 overlap=codec.hparams.predict_overlap).clamp(-1, 1)
 
+    def check_fit_inputs(self, datamodule=None) -> None:
+        """Refuse, before anything is written, training shapes the net cannot denoise (e.g. a latent crop size
+        BiFlowNet's sub-volumes do not divide); the CLI calls this."""
+        check = getattr(self.net, "check_spatial_shape", None)
+        shapes = getattr(datamodule, "training_shapes", None)
+        if check is None or shapes is None:
+            return
+        for shape in shapes():
+            try:
+                check(shape)
+            except MedsynthError as exc:
+                raise MedsynthError(f"data.crop_size: the training latents {list(shape)} do not fit the net: "
+                                    f"{exc}") from None
+
     def check_predict_inputs(self) -> None:
         """Refuse, before anything is written, an autoencoder that does not fit and a sample shape the net cannot
         produce (the CLI calls this)."""

@@ -69,7 +69,7 @@ def test_encoding_writes_latents_and_a_manifest_whose_scaling_round_trips(encode
 def test_fit_on_latents_then_generate_nifti_volumes_per_class(encoded, tmp_path):
     run = tmp_path / "ldm"
     main(["fit", *LDM, "--data.manifest", str(encoded["latents"] / "latents.json"), "--trainer.default_root_dir", str(run),
-          "--trainer.callbacks+=medsynth.callbacks.SampleGridLogger", "--trainer.callbacks.every_n_epochs", "1",
+          "--data.crop_size", "[4, 8]", "--trainer.callbacks+=medsynth.callbacks.SampleGridLogger", "--trainer.callbacks.every_n_epochs", "1",
           "--trainer.callbacks.num_samples", "2"])
     # the dashboard picture: a sampled and the real (one val volume) latent crop 8^3, decoded to 16^3: 3 mid-slices
     previews = sorted((run / "samples").glob("*.png"))

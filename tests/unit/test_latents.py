@@ -11,7 +11,7 @@ import torch
 
 from medsynth.data.latents import LatentDataModule, read_latent_manifest
 from medsynth.diffusion import DDIMSampler
-from medsynth.errors import DataError
+from medsynth.errors import DataError, MedsynthError
 from medsynth.modules import DiffusionModule
 from medsynth.nets import BiFlowNet3D
 
@@ -118,3 +118,22 @@ def test_3d_class_guidance_combines_conditional_and_null_predictions():
     # scale 1 is the conditional model: guided sampling (the doubled batch and u + w (c - u)) meets it as w -> 1
     assert torch.allclose(m.sample(labels=labels, guidance_scale=1.0 + 1e-4), plain, atol=1e-3)
     assert not torch.allclose(m.sample(labels=labels, guidance_scale=3.0), plain, atol=1e-3)
+
+
+def test_a_list_of_crop_sizes_crops_each_batch_to_one_of_them(tmp_path):
+    m = write_latents(tmp_path / "l", {"a": (16, 16, 16), "b": (16, 20, 16), "c": (24, 16, 16)})
+    dm = LatentDataModule(manifest=m, num_workers=0, crop_size=[12, 8], batch_size=3, val_fraction=0.0)
+    assert dm.training_shapes() == [[8, 8, 8], [12, 12, 12]] and dm.model_args()["sample_shape"] == [12, 12, 12]
+    dm.setup("fit")
+    torch.manual_seed(0)
+    seen = {tuple(b["image"].shape[2:]) for _ in range(12) for b in dm.train_dataloader()}
+    assert seen == {(8, 8, 8), (12, 12, 12)}  # both sizes, one per batch
+    assert {tuple(b["image"].shape[2:]) for b in dm.val_dataloader()} == {(12, 12, 12)}  # the largest
+    # a crop size the net cannot take is refused before training, naming the setting
+    net = partial(BiFlowNet3D, channels=(8, 16), norm_num_groups=4, dit_patch=4, dit_hidden=16, dit_depth=1,
+                  dit_heads=2)
+    model = DiffusionModule(net=net, image_channels=4, sample_shape=[12, 12, 12])
+    bad = LatentDataModule(manifest=m, num_workers=0, crop_size=[10, 12])
+    with pytest.raises(MedsynthError, match=r"data.crop_size.*\[10, 10, 10\]"):
+        model.check_fit_inputs(bad)
+    model.check_fit_inputs(dm)
