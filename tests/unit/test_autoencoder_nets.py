@@ -210,6 +210,33 @@ def test_update_runs_under_a_process_group(tmp_path):
         dist.destroy_process_group()
 
 
+def _rank_update(rank: int, store_path: str, out_path: str) -> None:
+    """One of two DDP ranks: EMA-update a codebook on its half of the vectors, save the result."""
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        vq = VectorQuantizer(num_codes=2, code_dim=2, decay=0.5, dead_code_threshold=0.0).train()
+        set_codebook(vq, torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        halves = [torch.tensor([[1.0, 0.0], [9.0, 9.0]]), torch.tensor([[0.0, 2.0], [11.0, 10.0]])]
+        vq(as_map(halves[rank]))
+        torch.save({"codebook": vq.codebook.clone(), "cluster_size": vq.cluster_size.clone()}, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebook_statistics_are_all_reduced_across_ranks(tmp_path):
+    """Two ranks, each with half the batch, end with the same codebook as one process with all of it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_update, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
+    single = VectorQuantizer(num_codes=2, code_dim=2, decay=0.5, dead_code_threshold=0.0).train()
+    set_codebook(single, torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    single(as_map(torch.tensor([[1.0, 0.0], [9.0, 9.0], [0.0, 2.0], [11.0, 10.0]])))
+    for r in ranks:
+        assert torch.allclose(r["codebook"], single.codebook, atol=1e-6)
+        assert torch.allclose(r["cluster_size"], single.cluster_size)
+
+
 # ---------------------------------------------------------------- tiling
 
 
