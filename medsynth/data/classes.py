@@ -203,6 +203,8 @@ class ClassImageDataModule(L.LightningDataModule):
             self.datasets["val"] = self._dataset("val")
         elif stage == "validate":
             self.datasets["val"] = self._dataset("val")
+        elif stage == "test":  # the judge's real-image ceiling: needs test/ folders
+            self.datasets["test"] = self._dataset("test")
         elif stage == "predict":
             self.datasets["predict"] = (self._real_images() if self.predict_images
                                         else ClassSampleDataset(self.class_names, self.samples_per_class))
@@ -233,6 +235,9 @@ class ClassImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")

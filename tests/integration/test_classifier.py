@@ -85,6 +85,11 @@ def test_classifier_learns_the_classes_and_scores_class_faithfulness(tmp_path, c
     accuracy = float(re.search(r"val/accuracy\s*\W\s*([0-9.]+)", out).group(1))
     assert accuracy > 0.8 and "val/accuracy_square" in out
 
+    # the real test split: the ceiling, kept beside the classifier's checkpoints for later reports
+    assert run("test", *base, "--ckpt_path", last, "--trainer.default_root_dir", run_dir) == 0
+    ceiling = json.loads((run_dir / "scores" / "real_test.json").read_text())["scores"]
+    assert ceiling["test/accuracy"] > 0.8 and "test/accuracy_disc" in ceiling
+
     real = {name: sorted((manifest.parent / name / "test").glob("*.png")) for name in CLASSES}
     score = ["test", *base, "--ckpt_path", last, "--data", "medsynth.data.SampleDirDataModule"]
     scores = {}
@@ -92,8 +97,10 @@ def test_classifier_learns_the_classes_and_scores_class_faithfulness(tmp_path, c
         d = fake_predict_dir(tmp_path / kind, folders)
         assert run(*score, "--data.samples_dir", d, "--trainer.default_root_dir", tmp_path / f"score_{kind}") == 0
         result = json.loads((d / "scores.json").read_text())
-        assert result["judge"] == str(last) and result["num_samples"] == 8
+        assert result["judge"] == str(last) and result["num_samples"] == 8 and result["ceiling"] == ceiling
+        assert "test/accuracy" in (d / "report.md").read_text() and (d / "accuracy.png").is_file()
         scores[kind] = result["scores"]
+    assert scores["real"]["test/accuracy"] == pytest.approx(ceiling["test/accuracy"])  # the same images
     assert scores["real"]["test/accuracy"] > 0.8 and scores["real"]["test/accuracy_disc"] > 0.7
     assert scores["swapped"]["test/accuracy"] < 0.2
 
