@@ -21,19 +21,20 @@ from medsynth.metrics.distribution import (
     kernel_inception_distance,
     mean_pairwise_similarity,
 )
+from medsynth.provenance import file_sha256
 from medsynth.visual import bar_chart
 
-REAL_SCORES = "scores/real_test.json"
-"""Where a judge's scores on the real test split are kept, inside its run folder: the ceiling of later reports."""
+REAL_SCORES = "real_test.json"
+"""The file in :func:`scores_dir` holding a judge's scores on the real test split: the ceiling of later reports."""
 
 
 def _scalar_metrics(trainer) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test/")}
 
 
-def _read_real_images(folder: Path, size: int, channels: int, limit: int) -> torch.Tensor:
+def _read_real_images(folder: Path, size: int, channels: int, limit: int, intensity_range=None) -> torch.Tensor:
     """Up to ``limit`` real images found anywhere below ``folder`` (evenly spread over the sorted file list),
-    resized to ``size`` and scaled to [-1, 1] as training scales them."""
+    resized to ``size`` and scaled to [-1, 1] as training scales them (``intensity_range``, else by dtype)."""
     from medsynth.data.image2d import IMAGE_SUFFIXES, read_image, resize_image, to_unit_range
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
@@ -42,8 +43,15 @@ def _read_real_images(folder: Path, size: int, channels: int, limit: int) -> tor
         raise MedsynthError(f"{folder}: no real images (.png/.npy) for FID/KID (give the image folder, e.g. IMGS)")
     if len(files) > limit:
         files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
-    return torch.stack([resize_image(torch.from_numpy(to_unit_range(read_image(f, channels), None)), size)
+    return torch.stack([resize_image(torch.from_numpy(to_unit_range(read_image(f, channels), intensity_range)), size)
                         for f in files])
+
+
+def scores_dir(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's scores on real data are kept: ``RUN/scores`` for ``RUN/checkpoints/X.ckpt``, else a
+    ``scores`` folder beside the checkpoint."""
+    ckpt = Path(checkpoint).resolve()
+    return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "scores"
 
 
 class SampleReport(L.Callback):
@@ -79,6 +87,10 @@ class SampleReport(L.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._images: list[torch.Tensor] = []
+        if trainer.world_size > 1 and self._samples_dir(trainer) is not None:
+            # each rank would see a share of the samples (padded by the distributed sampler): diversity, FID/KID
+            # and the counts must see them all once
+            raise MedsynthError("scoring a sample folder runs on one device: pass --trainer.devices 1")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._samples_dir(trainer) is not None and sum(len(x) for x in self._images) < self.max_images:
@@ -92,10 +104,11 @@ class SampleReport(L.Callback):
         scores = _scalar_metrics(trainer)
         if samples_dir is None:  # the judge on real data: keep its scores as the ceiling of later reports
             if judge:  # the newest measurement is the ceiling; an earlier one is kept as real_test.N.json
-                path = Path(judge).resolve().parent.parent / REAL_SCORES
+                path = scores_dir(judge) / REAL_SCORES
                 if path.is_file():
                     os.replace(path, free_path(path))
-                save_json(path, {"judge": judge, "scores": scores, "created": _now()})
+                save_json(path, {"judge": judge, "judge_sha256": file_sha256(judge), "scores": scores,
+                                 "created": _now()})
             return
         images = torch.cat(self._images)[: self.max_images] if self._images else None
         notes = []
@@ -112,7 +125,10 @@ class SampleReport(L.Callback):
                 notes.append("FID/KID: 2D images only; not computed for volumes")
             else:
                 net = FeatureNet(Path(features))
-                real = _read_real_images(Path(real_dir), images.shape[-1], images.shape[1], self.max_images)
+                real = _read_real_images(Path(real_dir), images.shape[-1], images.shape[1], self.max_images,
+                                         getattr(dm, "intensity_range", None))
+                notes.append(f"FID/KID at {images.shape[-1]}x{images.shape[-1]} pixels (the judge's image size), "
+                             f"features resized to the network's input")
                 f_fake = torch.cat([net(b) for b in images.split(64)])
                 f_real = torch.cat([net(b) for b in real.split(64)])
                 scores["fid"] = frechet_distance(f_real, f_fake)
@@ -120,10 +136,9 @@ class SampleReport(L.Callback):
         elif features is None and not notes:
             notes.append("FID/KID not computed: no local feature network was given (--data.features with "
                          "--data.real_dir; nothing is downloaded)")
-        ceiling = self._ceiling(judge)
+        ceiling, why = self._ceiling(judge)
         if ceiling is None:
-            notes.append("no real-image ceiling: run `medsynth test` with this judge on the real test split first "
-                         f"(it keeps its scores in JUDGE_RUN/{REAL_SCORES})")
+            notes.append(why)
         result = {"samples_dir": str(samples_dir), "judge": judge, "num_samples": 0 if images is None else len(images),
                   "scores": scores, "ceiling": ceiling, "features": str(features) if features else None,
                   "real_dir": str(real_dir) if real_dir else None, "notes": notes, "created": _now(),
@@ -138,11 +153,19 @@ class SampleReport(L.Callback):
                     logger.log_image(key=f"score/{Path(name).stem}", images=[str(samples_dir / name)])
 
     @staticmethod
-    def _ceiling(judge: Optional[str]) -> Optional[dict]:
+    def _ceiling(judge: Optional[str]) -> tuple[Optional[dict], str]:
+        """The judge's own scores on real test data, if they were measured with this very checkpoint."""
         if not judge:
-            return None
-        path = Path(judge).resolve().parent.parent / REAL_SCORES
-        return json.loads(path.read_text())["scores"] if path.is_file() else None
+            return None, "no real-image ceiling: the judge has no checkpoint file"
+        path = scores_dir(judge) / REAL_SCORES
+        if not path.is_file():
+            return None, ("no real-image ceiling: run `medsynth test` with this judge on the real test split first "
+                          f"(it keeps its scores in {path})")
+        saved = json.loads(path.read_text())
+        if saved.get("judge_sha256") != file_sha256(judge):
+            return None, (f"no real-image ceiling: {path} was measured with another checkpoint ({saved.get('judge')}); "
+                          "test this one on the real test split")
+        return saved["scores"], ""
 
     @staticmethod
     def _plots(samples_dir: Path, scores: dict, ceiling: Optional[dict]) -> list[str]:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from medsynth.errors import MedsynthError
 from medsynth.io import save_png
 from medsynth.provenance import png_text
 from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, pad_to, to_uint8
@@ -40,14 +39,14 @@ class SampleGridLogger(L.Callback):
 
     def _decoded(self, pl_module, samples: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples and real examples as images/volumes: decoded by a latent model's autoencoder."""
-        if getattr(pl_module, "latent_space", None) is None:
+        if getattr(pl_module, "latent_space", None) is None or self._warned:
             return samples, real
         try:
             return pl_module.decode(samples), pl_module.decode(real.to(pl_module.device))
-        except MedsynthError as exc:
-            if not self._warned:
-                rank_zero_warn(f"sample previews show raw latents (first channel): {exc}")
-                self._warned = True
+        except Exception as exc:  # noqa: BLE001 - a preview must never end a training run
+            rank_zero_warn(f"sample previews show raw latents (first channel) from now on: the autoencoder could "
+                           f"not decode them ({type(exc).__name__}: {exc})")
+            self._warned = True  # not retried: loading and hashing the autoencoder again would fail again
             return samples, real
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -115,9 +115,9 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, records: list[dict], shift: float, scale: float, crop_size: Optional[int] = None,
-                 random_flip: bool = False, num_classes: int = 0, defer_crop: bool = False) -> None:
+                 flip_axes: Sequence[int] = (), num_classes: int = 0, defer_crop: bool = False) -> None:
         self.records, self.shift, self.scale = records, shift, scale
-        self.crop_size, self.random_flip, self.num_classes = crop_size, random_flip, num_classes
+        self.crop_size, self.flip_axes, self.num_classes = crop_size, tuple(flip_axes), num_classes
         self.defer_crop = defer_crop
 
     def __len__(self) -> int:
@@ -137,11 +137,10 @@ class LatentDataset(Dataset):
                 item["image_mask"] = m  # at image resolution: what a sample decoded from this latent should follow
         if self.crop_size and not self.defer_crop:
             z, mask = random_crop(z, mask, self.crop_size)
-        if self.random_flip:
-            for axis in range(1, z.ndim):
-                if torch.rand(()) < 0.5:
-                    z = z.flip(axis)
-                    mask = mask.flip(axis - 1) if mask is not None else None
+        for axis in self.flip_axes:  # spatial axes where a mirror image is still plausible anatomy
+            if torch.rand(()) < 0.5:
+                z = z.flip(axis + 1)
+                mask = mask.flip(axis) if mask is not None else None
         item["image"] = z.contiguous()
         if mask is not None:
             item["mask"] = mask.contiguous()
@@ -189,7 +188,9 @@ class LatentDataModule(L.LightningDataModule):
         val_fraction: share of latents without a split that validate (chosen by a hash of the name).
         batch_size: latents per batch (per device).
         num_workers: DataLoader worker processes.
-        random_flip: flip training latents (and masks) along each axis at random.
+        flip_axes: spatial axes (0-based) along which training latents (and masks) are mirrored at random, for
+            data whose mirror image is still plausible: e.g. ``[1]`` (left-right) for 2D slices shown as usual,
+            ``[0]`` for RAS-oriented volumes; default none (anatomy has a top and a front).
         num_samples: latents ``predict`` samples per class (class-conditional) or in all.
         output_shape: spatial shape in image voxels of generated images/volumes (each side a multiple of the
             autoencoder's downsampling factor); default: the training latents' shape (the crop, if cropping).
@@ -206,7 +207,7 @@ class LatentDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 4,
         num_workers: int = 2,
-        random_flip: bool = True,
+        flip_axes: Optional[list[int]] = None,
         num_samples: int = 4,
         output_shape: Optional[list[int]] = None,
         spacing: Optional[list[float]] = None,
@@ -227,7 +228,7 @@ class LatentDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.random_flip = random_flip
+        self.flip_axes = list(flip_axes or [])
         self.num_samples = num_samples
         self.output_shape = list(output_shape) if output_shape else None
         self.spacing = list(spacing) if spacing else None
@@ -339,11 +340,14 @@ class LatentDataModule(L.LightningDataModule):
     def _dataset(self, split: str, train: bool = False) -> LatentDataset:
         s = self.info["scaling"]
         return LatentDataset(self.records(split), float(s["shift"]), float(s["scale"]), self.crop_size,
-                             random_flip=train and self.random_flip, num_classes=self.num_classes,
+                             flip_axes=self.flip_axes if train else (), num_classes=self.num_classes,
                              defer_crop=train and len(self.crop_sizes) > 1)
 
     def setup(self, stage: str) -> None:
-        self.latent_shape()  # shapes agree (or a crop is given) before anything runs
+        dims = len(self.latent_shape())  # shapes agree (or a crop is given) before anything runs
+        bad = [a for a in self.flip_axes if not 0 <= a < dims]
+        if bad:
+            raise DataError(f"data.flip_axes={self.flip_axes}: these latents have spatial axes 0..{dims - 1}")
         if stage == "fit":
             self.datasets["train"] = self._dataset("train", train=True)
             self.datasets["val"] = self._dataset("val")

@@ -68,6 +68,8 @@ class SampleDirDataModule(L.LightningDataModule):
             :mod:`medsynth.metrics.distribution`); never downloaded. Without it FID/KID are not computed.
         real_dir: real images that FID/KID compare the samples with: a folder of ``.png``/``.npy`` images, or one
             holding ``train``/``val``/``test`` subfolders (e.g. ``IMGS``); needed with ``features``.
+        intensity_range: stored ``(low, high)`` of the real images mapped to [-1, 1], as in training (taken from
+            the judge's checkpoint; default: by dtype).
 
     The scores (``test/dice`` or ``test/accuracy``, and per class) are written to ``samples_dir/scores.json`` with
     the judge's checkpoint path; with the :class:`~medsynth.callbacks.SampleReport` callback (in the judge
@@ -82,12 +84,14 @@ class SampleDirDataModule(L.LightningDataModule):
         overwrite: bool = False,
         features: Optional[Path] = None,
         real_dir: Optional[Path] = None,
+        intensity_range: Optional[tuple[float, float]] = None,
     ) -> None:
         super().__init__()
         if samples_dir is None:
             raise DataError("data.samples_dir is not set: give a `medsynth predict` output folder")
         self.features = Path(features) if features is not None else None
         self.real_dir = Path(real_dir) if real_dir is not None else None
+        self.intensity_range = intensity_range
         if self.features is not None and not self.features.is_file():
             raise DataError(f"{self.features}: FID/KID feature network does not exist (it is never downloaded; "
                             "see medsynth/metrics/distribution.py for exporting one)")
@@ -116,8 +120,10 @@ class SampleDirDataModule(L.LightningDataModule):
                                 "nothing to score against")
             self.num_classes, self.class_names = 0, [str(n) for n in names]
             self.class_folders = self._class_folders(meta_path)
-        self.channels = int(data.get("channels") or model.get("image_channels") or 1)
-        size = image_size or data.get("image_size") or model.get("image_size")
+        # what the samples are: read from the first one, since a latent model's config describes its latents
+        stored = self._first_sample_shape()
+        self.channels = int(stored[0] if stored else data.get("channels") or model.get("image_channels") or 1)
+        size = image_size or (stored[-1] if stored else None) or data.get("image_size") or model.get("image_size")
         if not size:
             raise DataError(f"{meta_path}: no image size recorded; pass --data.image_size")
         self.image_size = int(size)
@@ -128,6 +134,20 @@ class SampleDirDataModule(L.LightningDataModule):
                 raise DataError(f"{done}: already exists; pass --data.overwrite true to score again")
         self._scores_stamp = self._stamp()
         self.dataset: Optional[Dataset] = None
+
+    def _first_sample_shape(self) -> Optional[tuple[int, ...]]:
+        """The ``(C, H, W)`` of the folder's first sample, or ``None`` when it has none (reported at setup)."""
+        folders = [f for f, _ in self.class_folders] if self.class_names is not None else [self.samples_dir / "samples"]
+        first = next((f for folder in folders for f in sorted(folder.glob("*.npy"))), None)
+        if first is None:
+            return None
+        try:
+            shape = tuple(np.load(first, mmap_mode="r").shape)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{first}: unreadable sample ({exc})") from None
+        if len(shape) != 3:
+            raise DataError(f"{first}: sample of shape {shape}; expected (C, H, W) images")
+        return shape
 
     def _class_folders(self, meta_path: Path) -> list[tuple[Path, int]]:
         """The sample folders of the classes, with their labels; every sub-folder must be one of ``class_names``."""

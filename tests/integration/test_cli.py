@@ -208,6 +208,12 @@ def test_lr_find_suggests_a_learning_rate(seg_dataset, tmp_path, capsys):
     assert 1e-6 <= result["suggestion"] <= 1e-2
     assert "suggested learning rate" in capsys.readouterr().out
     assert not (run_dir / "checkpoints").exists()
+    # a second test keeps the first one's curve
+    first = (run_dir / "lr_find.json").read_text()
+    assert run("lr_find", *BASE, *data_args(img_dir, seg_dir), "--trainer.default_root_dir", run_dir,
+               "--num_training", 10, "--min_lr", 1e-6, "--max_lr", 1e-2) == 0
+    assert (run_dir / "lr_find.json").read_text() == first
+    assert len(json.loads((run_dir / "lr_find.1.json").read_text())["lr"]) <= 10
 
 
 @pytest.mark.slow

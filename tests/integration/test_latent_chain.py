@@ -163,6 +163,17 @@ def test_2d_chain_vae_encode_ldm_sample_follows_the_masks_layout(tmp_path, seg_d
     original = np.array(Image.open(seg_dir / "all" / "test" / f"{names[0]}.png").resize((16, 16), Image.NEAREST))
     assert written.shape == (16, 16) and (written == original).mean() > 0.9  # the conditioning mask, full size
 
+    # the folder scores like a pixel-space one: decoded 1-channel images, not the 4-channel latents
+    from tests.integration.test_cli import run
+    from tests.integration.test_segmenter import seg_args
+
+    seg = seg_args(img_dir, seg_dir)
+    assert run("fit", *seg, "--trainer.max_steps", 1, "--trainer.default_root_dir", tmp_path / "seg") == 0
+    assert run("test", *seg, "--ckpt_path", tmp_path / "seg/checkpoints/last.ckpt", "--data",
+               "medsynth.data.SampleDirDataModule", "--data.samples_dir", out) == 0
+    scored = json.loads((out / "scores.json").read_text())
+    assert scored["num_samples"] == 4 and "test/dice" in scored["scores"]
+
 
 def test_2d_class_chain_vae_encode_ldm_samples_a_folder_per_class(tmp_path):
     """Class-conditional 2D latent diffusion: class-labelled images encoded with their labels, a class-guided
@@ -205,3 +216,14 @@ def test_2d_class_chain_vae_encode_ldm_samples_a_folder_per_class(tmp_path):
         assert len(files) == 3 and np.load(files[0]).shape == (1, 16, 16)  # decoded to image size
         assert provenance(files[0])["synthetic"] is True
     assert json.loads((out / "metadata.json").read_text())["class_names"] == list(CLASSES)
+
+    # scored for class faithfulness like a pixel-space folder (the samples are decoded 1-channel images)
+    from tests.integration.test_classifier import cls_args
+    from tests.integration.test_cli import run
+
+    judge = cls_args(class_map)
+    assert run("fit", *judge, "--trainer.max_steps", 1, "--trainer.default_root_dir", tmp_path / "cls") == 0
+    assert run("test", *judge, "--ckpt_path", tmp_path / "cls/checkpoints/last.ckpt", "--data",
+               "medsynth.data.SampleDirDataModule", "--data.samples_dir", out) == 0
+    scored = json.loads((out / "scores.json").read_text())
+    assert scored["num_samples"] == 6 and "test/accuracy" in scored["scores"]

@@ -59,6 +59,9 @@ def test_scoring_a_sample_folder_gives_mask_faithfulness_and_a_report(seg_datase
     # the judge on the real test split first: its scores become the ceiling of every later report
     assert run("test", *base, "--ckpt_path", seg_ckpt, "--trainer.default_root_dir", seg_run) == 0
     ceiling = json.loads((seg_run / "scores" / "real_test.json").read_text())["scores"]
+    # measured again: the newest is the ceiling, the earlier one is kept
+    assert run("test", *base, "--ckpt_path", seg_ckpt, "--trainer.default_root_dir", seg_run) == 0
+    assert json.loads((seg_run / "scores" / "real_test.1.json").read_text())["scores"] == ceiling
     features = tmp_path / "features.pt"
     torch.jit.script(PooledFeatures()).save(str(features))
 
@@ -100,6 +103,16 @@ def test_scoring_a_sample_folder_gives_mask_faithfulness_and_a_report(seg_datase
                "--data.samples_dir", d) == 0
     plain = json.loads((d / "scores.json").read_text())
     assert "fid" not in plain["scores"] and any("no local feature network" in n for n in plain["notes"])
+    # another checkpoint of the same run has no ceiling until it is tested on real data itself
+    other = seg_run / "checkpoints" / "other.ckpt"
+    state = torch.load(seg_ckpt, weights_only=False)
+    state["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, other)
+    d = sample_dir("by_other", lambda r: r)
+    assert run("test", *base, "--ckpt_path", other, "--data", "medsynth.data.SampleDirDataModule",
+               "--data.samples_dir", d) == 0
+    by_other = json.loads((d / "scores.json").read_text())
+    assert by_other["ceiling"] is None and any("another checkpoint" in n for n in by_other["notes"])
 
     # refused in one line, nothing written: masks of another size, a judge of another class count, a missing
     # feature network

@@ -37,7 +37,7 @@ def write_latents(folder, shapes: dict, channels: int = 4, labels: dict | None =
 
 def test_latent_manifest_reads_and_scales(tmp_path):
     m = write_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 8, 8)}, labels={"a": 0, "b": 1})
-    dm = LatentDataModule(manifest=m, num_workers=0, random_flip=False, val_fraction=0.0)
+    dm = LatentDataModule(manifest=m, num_workers=0, val_fraction=0.0)
     dm.setup("fit")
     item = dm.datasets["train"][0]
     raw = np.load(tmp_path / "l" / "latents" / f"{item['name']}.npy")
@@ -122,11 +122,13 @@ def test_3d_class_guidance_combines_conditional_and_null_predictions():
 
 def test_a_list_of_crop_sizes_crops_each_batch_to_one_of_them(tmp_path):
     m = write_latents(tmp_path / "l", {"a": (16, 16, 16), "b": (16, 20, 16), "c": (24, 16, 16)})
-    dm = LatentDataModule(manifest=m, num_workers=0, crop_size=[12, 8], batch_size=3, val_fraction=0.0)
+    dm = LatentDataModule(manifest=m, num_workers=1, crop_size=[12, 8], batch_size=3, val_fraction=0.0)  # collate
+    # in a worker process
     assert dm.training_shapes() == [[8, 8, 8], [12, 12, 12]] and dm.model_args()["sample_shape"] == [12, 12, 12]
     dm.setup("fit")
     torch.manual_seed(0)
-    seen = {tuple(b["image"].shape[2:]) for _ in range(12) for b in dm.train_dataloader()}
+    loader = dm.train_dataloader()
+    seen = {tuple(b["image"].shape[2:]) for _ in range(12) for b in loader}
     assert seen == {(8, 8, 8), (12, 12, 12)}  # both sizes, one per batch
     assert {tuple(b["image"].shape[2:]) for b in dm.val_dataloader()} == {(12, 12, 12)}  # the largest
     # a crop size the net cannot take is refused before training, naming the setting

@@ -145,3 +145,16 @@ def test_feature_net_needs_local_weights_and_feeds_uint8(tmp_path):
     net = FeatureNet(path, input_size=32)
     feats = net(torch.full((2, 1, 16, 16), 1.0))
     assert feats.shape == (2, 3) and torch.allclose(feats, torch.full((2, 3), 255.0, dtype=torch.float64))
+
+
+def test_sample_report_refuses_to_score_a_folder_on_several_ranks(tmp_path):
+    from types import SimpleNamespace
+
+    from medsynth.callbacks import SampleReport
+
+    report = SampleReport()
+    trainer = SimpleNamespace(world_size=2, datamodule=SimpleNamespace(samples_dir=tmp_path))
+    with pytest.raises(MedsynthError, match="--trainer.devices 1"):
+        report.on_test_start(trainer, None)
+    report.on_test_start(SimpleNamespace(world_size=2, datamodule=SimpleNamespace()), None)  # real data: fine
+    report.on_test_start(SimpleNamespace(world_size=1, datamodule=SimpleNamespace(samples_dir=tmp_path)), None)
