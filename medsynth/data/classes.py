@@ -79,13 +79,13 @@ def class_map_files(folder: Path, split: str) -> list[Path]:
 
 
 class LabelledImageDataset(Dataset):
-    """Images with class labels: items ``image`` ``(C, S, S)`` in [-1, 1], ``label``, ``name``, ``index``."""
+    """Images with class labels: items ``image`` ``(C, S, S)`` in [-1, 1], ``label``, ``name``, ``split``,
+    ``index`` (encoded latents keep their split)."""
 
-    def __init__(self, items, image_size: int, channels: int, random_flip: bool = False, intensity_range=None,
-                 splits: bool = False):
+    def __init__(self, items, image_size: int, channels: int, random_flip: bool = False, intensity_range=None):
         self.items = list(items)
         self.image_size, self.channels = image_size, channels
-        self.random_flip, self.intensity_range, self.splits = random_flip, intensity_range, splits
+        self.random_flip, self.intensity_range = random_flip, intensity_range
 
     def __len__(self) -> int:
         return len(self.items)
@@ -96,10 +96,7 @@ class LabelledImageDataset(Dataset):
                          self.image_size)
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        item = {"image": x, "label": label, "name": rec.name, "index": index}
-        if self.splits:  # encoding: latents keep their split
-            item["split"] = rec.split
-        return item
+        return {"image": x, "label": label, "name": rec.name, "split": rec.split, "index": index}
 
 
 class ClassSampleDataset(Dataset):
@@ -222,7 +219,7 @@ class ClassImageDataModule(L.LightningDataModule):
                                     "NAME.png and NAME.npy")
                 seen[name] = rec.image
                 items.append((ImageRecord(f"{name}{Path(rec.image).suffix}", split, rec.image), label))
-        return LabelledImageDataset(items, self.image_size, self.channels, False, self.intensity_range, splits=True)
+        return LabelledImageDataset(items, self.image_size, self.channels, False, self.intensity_range)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         ds = self.datasets[split]

@@ -318,6 +318,7 @@ class LatentDataModule(L.LightningDataModule):
         """What the model must know about these latents (linked into the model's arguments by the CLI)."""
         info, ae, scaling = self.info, self.info["autoencoder"], self.info["scaling"]
         shape = self.latent_shape()
+        direction, origin = self.voxel_orientation()
         return {
             "num_classes": self.num_classes, "image_channels": int(info["records"][0]["shape"][0]),
             "image_size": int(shape[0]), "class_names": self.class_names, "output": "image",
@@ -327,7 +328,7 @@ class LatentDataModule(L.LightningDataModule):
                              "latent_channels": ae.get("latent_channels"),
                              "downsample_factor": ae.get("downsample_factor"),
                              "spacing": self.voxel_spacing(),
-                             "direction": self.voxel_orientation()[0], "origin": self.voxel_orientation()[1]},
+                             "direction": direction, "origin": origin},
         }
 
     # -- datasets

@@ -32,6 +32,14 @@ class _SamplePairs(Dataset):
         return {"image": x, "mask": m, "name": sample.name, "index": index}
 
 
+def _sample_shape(path: Path) -> tuple[int, ...]:
+    """The stored shape of a sample ``.npy`` (read from its header only)."""
+    try:
+        return tuple(np.load(path, mmap_mode="r").shape)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable sample ({exc})") from None
+
+
 class _LabelledSamples(Dataset):
     """Class-conditional samples: items ``image`` ``(C, S, S)``, ``label`` (their class), ``name``, ``index``."""
 
@@ -141,10 +149,7 @@ class SampleDirDataModule(L.LightningDataModule):
         first = next((f for folder in folders for f in sorted(folder.glob("*.npy"))), None)
         if first is None:
             return None
-        try:
-            shape = tuple(np.load(first, mmap_mode="r").shape)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{first}: unreadable sample ({exc})") from None
+        shape = _sample_shape(first)
         if len(shape) != 3:
             raise DataError(f"{first}: sample of shape {shape}; expected (C, H, W) images")
         return shape
@@ -196,12 +201,9 @@ class SampleDirDataModule(L.LightningDataModule):
             if not files:
                 raise DataError(f"{folder}: no samples (*.npy) of class '{folder.name}'")
             for f in files:
-                try:
-                    shape = np.load(f, mmap_mode="r").shape
-                except (OSError, ValueError) as exc:
-                    raise DataError(f"{f}: unreadable sample ({exc})") from None
+                shape = _sample_shape(f)
                 if len(shape) != 3 or shape[0] != self.channels:
-                    raise DataError(f"{f}: sample of shape {tuple(shape)}; expected ({self.channels}, H, W)")
+                    raise DataError(f"{f}: sample of shape {shape}; expected ({self.channels}, H, W)")
                 items.append((f, label))
         return _LabelledSamples(items, self.image_size)
 

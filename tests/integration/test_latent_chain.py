@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 AE = ["--config", str(ROOT / "configs/ae3d.yaml"), "--config", str(ROOT / "configs/tests/tiny_ae3d.yaml")]
 ENCODE = ["--config", str(ROOT / "configs/encode3d.yaml")]
 LDM = ["--config", str(ROOT / "configs/biflownet3d.yaml"), "--config", str(ROOT / "configs/tests/tiny_biflownet3d.yaml")]
+TINY_VAE2D = ["--config", str(ROOT / "configs/vae2d.yaml"), "--model.net.init_args.channels", "[8, 16]",
+              "--model.net.init_args.num_res_blocks", "1", "--model.net.init_args.norm_num_groups", "4",
+              "--model.discriminator", "null", "--data.image_size", "16", "--data.batch_size", "4",
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+"""A seconds-long 2D KL-VAE (2x down, no discriminator) at 16 pixels; add the data flags."""
+TINY_LDM2D = ["--config", str(ROOT / "configs/ldm2d.yaml"), "--model.net.init_args.block_out_channels", "[8, 16]",
+              "--model.net.init_args.attention_levels", "[false, false]", "--model.net.init_args.layers_per_block", "1",
+              "--model.net.init_args.norm_num_groups", "4", "--model.sampler.init_args.num_inference_steps", "2",
+              "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false"]
+"""A seconds-long 2D latent UNet with 2 sampling steps; add the latent manifest and the conditioning flags."""
 
 
 @pytest.fixture
@@ -126,10 +137,7 @@ def test_generation_refuses_sizes_the_net_cannot_make_and_foreign_autoencoders(e
 
 def test_2d_chain_vae_encode_ldm_sample_follows_the_masks_layout(tmp_path, seg_dataset):
     img_dir, seg_dir = seg_dataset
-    vae = ["--config", str(ROOT / "configs/vae2d.yaml"), "--model.net.init_args.channels", "[8, 16]",
-           "--model.net.init_args.num_res_blocks", "1", "--model.net.init_args.norm_num_groups", "4",
-           "--model.discriminator", "null", "--data.image_size", "16", "--data.batch_size", "4",
-           "--data.num_workers", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    vae = [*TINY_VAE2D, "--data.num_workers", "0"]
     main(["fit", *vae, "--data.img_dir", str(img_dir), "--trainer.max_steps", "2",
           "--trainer.default_root_dir", str(tmp_path / "vae")])
     latents = tmp_path / "latents"
@@ -140,11 +148,7 @@ def test_2d_chain_vae_encode_ldm_sample_follows_the_masks_layout(tmp_path, seg_d
     assert len(info["records"]) == 16 and {r["split"] for r in info["records"]} == {"train", "val", "test"}
     assert all((latents / r["mask"]).is_file() for r in info["records"]) and info["scaling"]["method"] == "std"
 
-    ldm = ["--config", str(ROOT / "configs/ldm2d.yaml"), "--model.net.init_args.block_out_channels", "[8, 16]",
-           "--model.net.init_args.attention_levels", "[false, false]", "--model.net.init_args.layers_per_block", "1",
-           "--model.net.init_args.norm_num_groups", "4", "--model.sampler.init_args.num_inference_steps", "2",
-           "--data.num_classes", "3", "--data.batch_size", "4", "--data.num_workers", "0",
-           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    ldm = [*TINY_LDM2D, "--data.num_classes", "3"]
     main(["fit", *ldm, "--data.manifest", str(latents / "latents.json"), "--trainer.max_steps", "2",
           "--trainer.default_root_dir", str(tmp_path / "ldm"), "--trainer.callbacks+=medsynth.callbacks.SampleGridLogger",
           "--trainer.callbacks.every_n_epochs", "1", "--trainer.callbacks.num_samples", "2"])
@@ -182,10 +186,7 @@ def test_2d_class_chain_vae_encode_ldm_samples_a_folder_per_class(tmp_path):
 
     class_map = make_shapes(tmp_path / "shapes")
     data = ["--data", "medsynth.data.ClassImageDataModule", "--data.manifest", str(class_map), "--data.num_workers", "0"]
-    vae = ["--config", str(ROOT / "configs/vae2d.yaml"), "--model.net.init_args.channels", "[8, 16]",
-           "--model.net.init_args.num_res_blocks", "1", "--model.net.init_args.norm_num_groups", "4",
-           "--model.discriminator", "null", *data, "--data.image_size", "16", "--data.batch_size", "4",
-           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    vae = [*TINY_VAE2D, *data]
     main(["fit", *vae, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "vae")])
     latents = tmp_path / "latents"
     main(["predict", "--config", str(ROOT / "configs/encode2d.yaml"), "--ckpt_path",
@@ -199,11 +200,7 @@ def test_2d_class_chain_vae_encode_ldm_samples_a_folder_per_class(tmp_path):
     ae, side = info["autoencoder"], 16 // info["autoencoder"]["downsample_factor"]
     assert np.load(latents / recs["disc_test_disc_000"]["latent"]).shape == (ae["latent_channels"], side, side)
 
-    ldm = ["--config", str(ROOT / "configs/ldm2d.yaml"), "--model.net.init_args.block_out_channels", "[8, 16]",
-           "--model.net.init_args.attention_levels", "[false, false]", "--model.net.init_args.layers_per_block", "1",
-           "--model.net.init_args.norm_num_groups", "4", "--model.sampler.init_args.num_inference_steps", "2",
-           "--data.num_classes", "0", "--data.batch_size", "4", "--data.num_workers", "0", "--data.num_samples", "3",
-           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    ldm = [*TINY_LDM2D, "--data.num_classes", "0", "--data.num_samples", "3"]
     main(["fit", *ldm, "--data.manifest", str(latents / "latents.json"), "--model.label_drop_prob", "0.1",
           "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "ldm")])
     ckpt = torch.load(tmp_path / "ldm/checkpoints/last.ckpt", weights_only=False, map_location="cpu")
