@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -30,7 +31,8 @@ class Sampler:
     Args:
         num_inference_steps: denoising steps.
         clip_sample: clip the scheduler's ``x0`` estimate to [-1, 1] at each step (right for images in [-1, 1],
-            wrong for unbounded latents).
+            wrong for unbounded latents: the :class:`~medsynth.modules.DiffusionModule` turns it off for
+            standardised latents whatever this says).
     """
 
     def __init__(self, num_inference_steps: int = 50, clip_sample: bool = True) -> None:
@@ -53,6 +55,16 @@ class Sampler:
 
     def make_scheduler(self, objective: Objective):
         raise NotImplementedError
+
+    def with_settings(self, **changes) -> "Sampler":
+        """A copy with some settings changed, e.g. ``clip_sample=False`` for unbounded latents; ``self`` is untouched
+        (the module's sampler is shared by predict and previews)."""
+        unknown = set(changes) - set(vars(self))
+        if unknown:
+            raise MedsynthError(f"{type(self).__name__} has no setting {', '.join(sorted(unknown))}")
+        new = copy.copy(self)
+        vars(new).update(changes)
+        return new
 
     def step_kwargs(self, generators: Optional[Sequence[torch.Generator]]) -> dict:
         return {"generator": list(generators) if generators is not None else None}

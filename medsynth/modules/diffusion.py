@@ -288,7 +288,8 @@ class DiffusionModule(L.LightningModule):
         seed: Optional[int] = None,
         guidance_scale: Optional[float] = None,
     ) -> Tensor:
-        """Generate images ``(B, C, *spatial)`` in [-1, 1].
+        """Generate images ``(B, C, *spatial)``: in [-1, 1] for pixels and min-max latents, unclipped for
+        standardised latents (see :meth:`bounded`).
 
         Args:
             mask: ``(B, *spatial)`` integer masks to condition on (mask-guided models).
@@ -338,8 +339,23 @@ class DiffusionModule(L.LightningModule):
                 return self.denoise(xt, t, cond, labels)
 
         noise = initial_noise((self.image_channels, *spatial), generators, self.device)
-        x = (sampler or self.sampler).sample(denoise, noise, self.objective, generators)
-        return x.clamp(-1, 1)
+        sampler = sampler or self.sampler
+        bounded = self.bounded()
+        sampler = sampler.with_settings(clip_sample=sampler.clip_sample and bounded)
+        x = sampler.sample(denoise, noise, self.objective, generators)
+        return x.clamp(-1, 1) if bounded else x
+
+    def bounded(self) -> bool:
+        """Whether samples live in [-1, 1] and may be clipped there: pixels and min-max scaled latents do;
+        standardised latents (``latent_scaling: std``) are unbounded, and clipping them would cut about a third of
+        their values (issue #15)."""
+        if self.latent_space is None:
+            return True
+        method = self.latent_space.get("method")
+        if method is None:  # model args that do not name the scaling: read it from the attached latent manifest
+            info = getattr(getattr(self._trainer, "datamodule", None), "info", None)
+            method = ((info or {}).get("scaling") or {}).get("method", "minmax")
+        return method == "minmax"
 
     # ----------------------------------------------------------------- latent space
     def codec(self):
