@@ -28,7 +28,8 @@ class Objective:
 
     num_train_timesteps: int
     family: str = "diffusion"
-    """Which samplers can invert it: ``diffusion`` (DDPM, DDIM) or ``flow`` (Euler)."""
+    """Which samplers can invert it: ``diffusion`` (DDPM, DDIM, DPM-Solver++, UniPC) or ``flow`` (Euler, Heun,
+    DPM-Solver++ and UniPC with flow sigmas)."""
 
     def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """Uniform training timesteps ``(B,)`` int64 in ``[0, num_train_timesteps)`` (on the CPU)."""

@@ -10,7 +10,8 @@ are ``(B, C, *spatial)``.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Optional, Sequence, Union
+import sys
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,17 @@ from medsynth.errors import MedsynthError
 
 Size = Union[int, Sequence[int]]
 Device = Union[torch.device, str, None]
+
+
+def progress_bar(iterable: Iterable, enabled: Optional[bool], desc: str, unit: str = "it") -> Iterable:
+    """``iterable`` with a tqdm progress bar on stderr: ``enabled=None`` shows it only when stderr is a terminal,
+    ``True`` always (logs keep each finished bar as a line), ``False`` never."""
+    terminal = sys.stderr.isatty()
+    if not (terminal if enabled is None else enabled):
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit=unit, leave=not terminal, file=sys.stderr, dynamic_ncols=True)
 
 
 def _per_axis(value: Size, spatial_dims: int, name: str) -> tuple[int, ...]:
