@@ -341,7 +341,7 @@ class DiffusionModule(L.LightningModule):
         noise = initial_noise((self.image_channels, *spatial), generators, self.device)
         sampler = sampler or self.sampler
         bounded = self.bounded()
-        sampler = sampler.with_settings(clip_sample=sampler.clip_sample and bounded)
+        sampler = sampler.with_settings(clip_sample=sampler.clip_sample and bounded, progress=self.progress(sampler))
         x = sampler.sample(denoise, noise, self.objective, generators)
         return x.clamp(-1, 1) if bounded else x
 
@@ -356,6 +356,13 @@ class DiffusionModule(L.LightningModule):
             info = getattr(getattr(self._trainer, "datamodule", None), "info", None)
             method = ((info or {}).get("scaling") or {}).get("method", "minmax")
         return method == "minmax"
+
+    def progress(self, sampler: Optional[Sampler] = None) -> Optional[bool]:
+        """The progress-bar setting of ``sampler`` (default the module's) for steps and tiles; off while a trainer
+        fits or validates, so previews stay silent."""
+        if self._trainer is not None and not getattr(self._trainer, "predicting", False):
+            return False
+        return getattr(sampler or self.sampler, "progress", None)
 
     # ----------------------------------------------------------------- latent space
     def codec(self):
@@ -398,7 +405,7 @@ class DiffusionModule(L.LightningModule):
         tile = self.decode_tile if self.decode_tile is not None else 2 * codec.image_size // factor
         with torch.no_grad():
             return decode_tiled(codec.net.decode, z, tile or max(z.shape[2:]), factor,
-                                overlap=codec.hparams.predict_overlap).clamp(-1, 1)
+                                overlap=codec.hparams.predict_overlap, progress=self.progress()).clamp(-1, 1)
 
     def check_fit_inputs(self, datamodule=None) -> None:
         """Refuse, before anything is written, training shapes the net cannot denoise (e.g. a latent crop size

@@ -23,15 +23,17 @@ Size = Union[int, Sequence[int]]
 Device = Union[torch.device, str, None]
 
 
-def progress_bar(iterable: Iterable, enabled: Optional[bool], desc: str, unit: str = "it") -> Iterable:
-    """``iterable`` with a tqdm progress bar on stderr: ``enabled=None`` shows it only when stderr is a terminal,
-    ``True`` always (logs keep each finished bar as a line), ``False`` never."""
-    terminal = sys.stderr.isatty()
-    if not (terminal if enabled is None else enabled):
-        return iterable
+def progress_bar(iterable: Optional[Iterable], enabled: Optional[bool], desc: str, unit: str = "it",
+                 total: Optional[int] = None):
+    """A tqdm progress bar on stderr over ``iterable`` (``None``: updated by hand): ``enabled=None`` shows it only
+    when stderr is a terminal, ``True`` always (logs keep each finished bar as a line), ``False`` never (a disabled
+    bar, which costs nothing)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, unit=unit, leave=not terminal, file=sys.stderr, dynamic_ncols=True)
+    terminal = sys.stderr.isatty()
+    show = terminal if enabled is None else bool(enabled)
+    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=not terminal, file=sys.stderr, dynamic_ncols=True,
+                disable=not show)
 
 
 def _per_axis(value: Size, spatial_dims: int, name: str) -> tuple[int, ...]:
@@ -45,14 +47,6 @@ def _check_input(x: Tensor, name: str) -> int:
     if x.ndim < 3:
         raise MedsynthError(f"{name} must be (B, C, *spatial), got shape {tuple(x.shape)}")
     return x.ndim - 2
-
-
-def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles of length ``tile`` with step ``stride`` covering ``[0, size)``, the last flush."""
-    starts = list(range(0, size - tile + 1, stride))
-    if starts[-1] != size - tile:
-        starts.append(size - tile)
-    return starts
 
 
 def encode_patchwise(
@@ -70,6 +64,12 @@ def encode_patchwise(
     [-1, 1]; a constant background rather than replicated edges, so the padding looks like the empty space around
     a body) to a multiple of the patch size. A patch side longer than the image side rounded up to a multiple of
     ``factor`` is shortened to that, so a small image is encoded whole instead of being padded to a full patch.
+
+    This stays a patch grid rather than MONAI's ``sliding_window_inference`` (which :func:`decode_tiled` uses): the
+    encoder must see exactly the non-overlapping patches it was trained on, each latent voxel coming from one patch.
+    MONAI's windows overlap where the size is not a multiple of the patch (the last window is shifted back, not
+    padded) and their outputs are averaged, which yields latents no patch encodes to; it pads only inputs smaller
+    than a window, and then on both sides, where PatchVolume pads at the end with background.
 
     Args:
         encode: maps patches ``(N, C, *patch)`` to latents ``(N, L, *patch / factor)`` (e.g. ``net.encode``).
@@ -139,13 +139,18 @@ def decode_tiled(
     overlap: float = 0.25,
     batch: int = 1,
     device: Device = None,
+    progress: Optional[bool] = False,
 ) -> Tensor:
     """Decode latent ``z`` in overlapping latent tiles blended with Gaussian weights, in bounded memory.
 
-    Tiles overlap by ``overlap`` of their side; each output voxel is the weighted mean of the tiles covering it,
-    with weights that fall off towards a tile's border, where a decoder lacks context. If ``z`` fits in one tile
-    it is decoded directly. Memory: one ``batch`` of tiles on ``device`` plus two output-sized float32
-    accumulators on ``z``'s device.
+    MONAI's ``sliding_window_inference`` (``mode="gaussian"``, as MAISI decodes) places the tiles and accumulates
+    the blend: tiles step by ``int(tile * (1 - overlap))`` latent voxels, the last one flush with the end; each
+    output voxel is the weighted mean of the tiles covering it, with weights that fall off towards a tile's border,
+    where a decoder lacks context. The weights are a Gaussian of the *output* tile (sigma = side / 8), not MONAI's
+    Gaussian of the latent tile upsampled by nearest neighbour (which would blend in blocks of ``factor`` voxels).
+    If ``z`` fits in one tile it is decoded directly. Memory: one ``batch`` of tiles on ``device`` plus two
+    output-sized float32 accumulators on ``z``'s device. For inference: the blend multiplies the decoder's output
+    in place.
 
     Args:
         decode: maps latents ``(N, L, *tile)`` to images ``(N, C, *tile * factor)`` (e.g. ``net.decode``).
@@ -153,12 +158,16 @@ def decode_tiled(
         tile: latent tile side(s) in latent voxels (shortened to the latent size where larger).
         factor: the decoder's upsampling per axis.
         overlap: fraction of a tile side shared with the next tile, in [0, 1).
-        batch: tiles per ``decode`` call (each call sees ``batch * B`` tiles).
+        batch: tiles per ``decode`` call (each call sees up to ``batch * B`` tiles).
         device: where ``decode`` runs (tiles are moved there and outputs back); default ``z``'s device.
+        progress: a progress bar over the tiles on stderr (``None``: only when stderr is a terminal).
 
     Returns:
         The image ``(B, C, *latent_spatial * factor)``, float32, on ``z``'s device.
     """
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers import sliding_window_inference
+
     spatial_dims = _check_input(z, "z")
     tiles = _per_axis(tile, spatial_dims, "tile")
     if not 0.0 <= overlap < 1.0:
@@ -166,34 +175,33 @@ def decode_tiled(
     if factor < 1 or batch < 1:
         raise MedsynthError(f"factor and batch must be positive, got {factor} and {batch}")
     latent = tuple(z.shape[2:])
-    tiles = tuple(min(t, s) for t, s in zip(tiles, latent))
+    tiles = tuple(min(t, s) for t, s in zip(tiles, latent))  # never padded: MONAI would pad a latent smaller
     if tiles == latent:
         return decode(z.to(device or z.device)).to(z.device, torch.float32)
 
-    strides = [max(1, int(round(t * (1.0 - overlap)))) for t in tiles]
-    starts = list(itertools.product(*(_tile_starts(s, t, st) for s, t, st in zip(latent, tiles, strides))))
     out_tile = tuple(t * factor for t in tiles)
-    weights = _gaussian_weights(out_tile, z.device)  # (*tile * factor)
-    b = z.shape[0]
-    out: Optional[Tensor] = None
-    norm = torch.zeros(tuple(s * factor for s in latent), device=z.device)  # (*spatial)
-    for i in range(0, len(starts), batch):
-        group = starts[i : i + batch]
-        latent_slices = [tuple(slice(o, o + t) for o, t in zip(start, tiles)) for start in group]
-        images = decode(torch.cat([z[(..., *s)] for s in latent_slices]).to(device or z.device))  # (n * B, C, *tile*f)
+    weights = _gaussian_weights(out_tile, torch.device(device or z.device))[None, None]  # (1, 1, *tile * factor)
+    intervals = [t if t == s else max(1, int(t * (1 - overlap))) for t, s in zip(tiles, latent)]  # MONAI's
+    count = len(dense_patch_slices(latent, tiles, intervals)) * z.shape[0]
+    bar = progress_bar(None, progress, "decoding tiles", "tile", total=count)
+
+    def decode_counted(tiles_in: Tensor) -> Tensor:
+        images = decode(tiles_in)
         if tuple(images.shape[2:]) != out_tile:
             raise MedsynthError(
                 f"decode maps a latent tile {tiles} to {tuple(images.shape[2:])}, expected {out_tile} for factor {factor}"
             )
-        images = images.to(z.device, torch.float32)
-        if out is None:
-            out = torch.zeros(b, images.shape[1], *norm.shape, device=z.device)  # (B, C, *spatial)
-        for j, s in enumerate(latent_slices):
-            image_slice = tuple(slice(sl.start * factor, sl.stop * factor) for sl in s)
-            out[(..., *image_slice)] += images[j * b : (j + 1) * b] * weights
-            norm[image_slice] += weights
-    assert out is not None
-    return out / norm
+        bar.update(tiles_in.shape[0])
+        return images.float()
+
+    try:
+        return sliding_window_inference(
+            z.float(), tiles, batch * z.shape[0], decode_counted, overlap=overlap, mode="gaussian",
+            sw_device=device or z.device, device=z.device,
+            process_fn=lambda out, window, importance: (out, weights),  # the output-resolution Gaussian above
+        )
+    finally:
+        bar.close()
 
 
 def reconstruct(
