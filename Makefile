@@ -83,7 +83,7 @@ sample: install ## sample: make sample CONFIG=... RUN=runs/x [CKPT=...] [OUT=...
 export: install ## export the net in diffusers format: make export CONFIG=... RUN=runs/x OUT=dir
 	$(BIN)/medsynth export --config $(CONFIG) --ckpt_path $(CKPT) --output_dir $(OUT) $(ARGS)
 
-status: install ## runs under RUNS=runs: step, epoch, best validation loss, latest preview
+status: install ## runs under RUNS=runs: step, epoch, best validation loss, latest preview; writes RUN/curves.png
 	$(PY) -m medsynth.status $(RUNS)
 
 lint: install ## ruff
