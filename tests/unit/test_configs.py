@@ -1,5 +1,6 @@
 """Every shipped YAML parses (composed as the README composes it) and every manifest reads."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,16 @@ RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not is_variant(
 VARIANTS = sorted(p for p in (ROOT / "configs").glob("**/*.yaml") if p.parent.name != "configs" or is_variant(p))
 
 
-def base_of(variant: Path) -> Path:
-    """A variant's first line names the recipe it composes after: ``# compose after: configs/X.yaml``."""
+def bases_of(variant: Path) -> list[Path]:
+    """A variant's first line names the recipes it composes after: ``# compose after: configs/X.yaml[, ...]``."""
     first = variant.read_text().splitlines()[0]
     assert first.startswith(COMPOSE_MARK), f"{variant} does not say which recipe it composes after"
-    return ROOT / first.split(": ", 1)[1].strip()
+    bases = re.findall(r"configs/[\w/]+\.yaml", first)
+    assert bases, f"{variant}: no recipe named on its first line"
+    return [ROOT / b for b in bases]
 
 
-COMPOSED = [[r] for r in RECIPES] + [[base_of(p), p] for p in VARIANTS]
+COMPOSED = [[r] for r in RECIPES] + [[b, p] for p in VARIANTS for b in bases_of(p)]
 
 
 @pytest.mark.parametrize("configs", COMPOSED, ids=lambda cs: "+".join(p.name for p in cs))

@@ -1,0 +1,170 @@
+"""Datasets that are not the demo, built from files pip packages ship: for judging recipes on data they were not
+tuned on.
+
+All come from nilearn's MNI152 2009a template (T1 and grey/white-matter maps), sliced in other planes, with other
+class counts, contrasts, sizes and dataset sizes than the demo (axial T1, 3 classes, 64 px, ~150 slices), and are
+written as a user would bring them: the reference folder layout for masks, a JSON class map for classes.
+
+    python benchmarks/datasets.py OUT_DIR            # builds every dataset below OUT_DIR
+
+Segmentation-guided (``IMGS/{train,val,test}/*.png``, ``MASKS/all/{train,val,test}/*.png``):
+
+- ``coronal4``: coronal T1 slices, 4 classes (background / other brain / grey matter / white matter). The set
+  the recipe defaults were chosen on.
+- ``sagittal4_t2``: sagittal slices in a T2-like contrast (CSF and other brain bright, GM mid, WM dark) with a
+  smooth bias field and noise, 4 classes, only every other slice (a few dozen training images). Held out.
+- ``axial5_pd``: axial slices in a PD-like contrast, 5 classes (GM split into left and right hemisphere), 16-bit
+  PNGs. Held out.
+
+Class-conditional (a JSON class map ``{"0": dir, ...}`` of folders with ``train/val/test``):
+
+- ``planes3_t2``: the T2-like volume's axial / coronal / sagittal slices, the plane as the class.
+- ``contrast3``: coronal slices of three contrasts (T1, T2-like, PD-like), the contrast as the class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from medsynth.data.demo import PLANE_AXIS, _square, mni152_files, mni152_volumes
+from medsynth.io import save_json, save_png
+
+SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd")
+CLASS_DATASETS = ("planes3_t2", "contrast3")
+
+
+def tissue_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """T1, brain mask, GM and WM probability maps (0..1) of the template."""
+    import nibabel as nib
+
+    files = mni152_files()
+    t1 = np.asarray(nib.load(files["t1"]).dataobj, dtype=np.float32)
+    gm = np.asarray(nib.load(files["gm"]).dataobj, dtype=np.float32)
+    wm = np.asarray(nib.load(files["wm"]).dataobj, dtype=np.float32)
+    if gm.max() > 1.5:
+        gm, wm = gm / 255.0, wm / 255.0
+    return t1, t1 > 0, gm, wm
+
+
+def four_class_labels() -> np.ndarray:
+    """0 background, 1 other brain (CSF, deep structures), 2 grey matter, 3 white matter."""
+    _, brain, _, _ = tissue_maps()
+    _, labels3 = mni152_volumes()
+    labels = np.where(brain, 1, 0).astype(np.uint8)
+    labels[labels3 == 1] = 2
+    labels[labels3 == 2] = 3
+    return labels
+
+
+def contrast(kind: str, seed: int = 0) -> np.ndarray:
+    """A volume in [0, 1]: ``t1`` (the template), ``t2`` (CSF/other bright, GM mid, WM dark) or ``pd``; the
+    synthetic contrasts get a smooth multiplicative bias field and Gaussian noise."""
+    t1, brain, gm, wm = tissue_maps()
+    if kind == "t1":
+        hi = float(np.percentile(t1[brain], 99.5))
+        return np.clip(t1 / hi, 0, 1)
+    other = np.clip(1.0 - gm - wm, 0, 1) * brain
+    if kind == "t2":
+        img = 0.95 * other + 0.55 * gm + 0.30 * wm
+    elif kind == "pd":
+        img = 0.60 * other + 0.85 * gm + 0.65 * wm
+    else:
+        raise ValueError(kind)
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in img.shape], indexing="ij")
+    bias = 1.0 + 0.15 * sum(c * g for c, g in zip(rng.uniform(-1, 1, 3), grids))
+    img = img * bias + rng.normal(0, 0.02, img.shape) * brain
+    return np.clip(img * brain, 0, 1).astype(np.float32)
+
+
+def _slices(volume: np.ndarray, labels: np.ndarray, plane: str, min_brain: float = 0.1):
+    """``(index, image, labels)`` of the slices of one plane whose brain covers at least ``min_brain``."""
+    axis = PLANE_AXIS[plane]
+    for k in range(volume.shape[axis]):
+        img = _square(np.rot90(np.take(volume, k, axis=axis)))
+        lab = _square(np.rot90(np.take(labels, k, axis=axis)))
+        if (lab > 0).mean() >= min_brain:
+            yield k, img, lab
+
+
+def _split(k: int) -> str:
+    return "test" if k % 8 == 0 else "val" if k % 8 == 4 else "train"
+
+
+def build_seg(name: str, root: Path) -> dict:
+    """Write a segmentation-guided dataset ``name`` under ``root`` (``images/``, ``masks/all/``)."""
+    if name == "coronal4":
+        vol, labels, plane, step, bits = contrast("t1"), four_class_labels(), "coronal", 1, 8
+    elif name == "sagittal4_t2":
+        vol, labels, plane, step, bits = contrast("t2", seed=1), four_class_labels(), "sagittal", 2, 8
+    elif name == "axial5_pd":
+        labels = four_class_labels()
+        x_mid = labels.shape[0] // 2  # the template's first axis runs left-right: split GM by hemisphere
+        left = np.zeros(labels.shape, bool)
+        left[:x_mid] = True
+        labels = np.where((labels == 2) & left, 4, labels).astype(np.uint8)
+        vol, plane, step, bits = contrast("pd", seed=2), "axial", 1, 16
+    else:
+        raise ValueError(f"unknown dataset {name}; choose from {SEG_DATASETS}")
+    counts = {"train": 0, "val": 0, "test": 0}
+    for k, img, lab in _slices(vol, labels, plane):
+        if k % step:
+            continue
+        split, stem = _split(k), f"{name}_{k:03d}.png"
+        scale = 255 if bits == 8 else 65535
+        dtype = np.uint8 if bits == 8 else np.uint16
+        save_png(root / "images" / split / stem, (np.clip(img, 0, 1) * scale).round().astype(dtype))
+        save_png(root / "masks" / "all" / split / stem, lab.astype(np.uint8))
+        counts[split] += 1
+    info = {"kind": "seg", "num_classes": int(labels.max()) + 1, "plane": plane, "splits": counts}
+    save_json(root / "dataset.json", info)
+    return info
+
+
+def build_class(name: str, root: Path) -> dict:
+    """Write a class-conditional dataset ``name`` under ``root``: ``classmap.json`` and one folder per class."""
+    labels = four_class_labels()
+    if name == "planes3_t2":
+        vol = contrast("t2", seed=3)
+        kinds = [(plane, vol, plane) for plane in ("axial", "coronal", "sagittal")]
+    elif name == "contrast3":
+        kinds = [(kind, contrast(kind, seed=4), "coronal") for kind in ("t1", "t2", "pd")]
+    else:
+        raise ValueError(f"unknown dataset {name}; choose from {CLASS_DATASETS}")
+    classmap, counts = {}, {}
+    for c, (cname, vol, plane) in enumerate(kinds):
+        n = 0
+        for k, img, _ in _slices(vol, labels, plane, min_brain=0.15):
+            save_png(root / cname / _split(k) / f"{cname}_{k:03d}.png",
+                     (np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+            n += 1
+        classmap[str(c)] = cname
+        counts[cname] = n
+    save_json(root / "classmap.json", classmap)
+    info = {"kind": "class", "num_classes": len(kinds), "counts": counts}
+    save_json(root / "dataset.json", info)
+    return info
+
+
+def build(name: str, root: Path) -> dict:
+    """Build dataset ``name`` into ``root`` unless it is there; return its ``dataset.json``."""
+    if (root / "dataset.json").is_file():
+        return json.loads((root / "dataset.json").read_text())
+    return build_seg(name, root) if name in SEG_DATASETS else build_class(name, root)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--names", nargs="*", default=[*SEG_DATASETS, *CLASS_DATASETS])
+    args = p.parse_args()
+    for name in args.names:
+        print(name, build(name, args.out / name))
+
+
+if __name__ == "__main__":
+    main()

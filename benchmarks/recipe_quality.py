@@ -1,0 +1,170 @@
+"""How faithful a recipe's samples are, against training steps, on datasets that are not the demo.
+
+For each dataset (built by ``benchmarks/datasets.py`` from files pip packages ship) and each recipe variant, it
+trains the recipe through the real ``medsynth fit`` with checkpoints at the given step budgets, samples each with
+``medsynth predict``, and scores the samples with the project's own judges through ``medsynth test``: a segmenter
+(mask-guided recipes: mean foreground Dice) or a classifier (class-conditional recipes: accuracy), each trained on
+the dataset's real training images. Every score is divided by the judge's score on the real test images (the
+ceiling). Prints a table and writes JSON.
+
+    python benchmarks/recipe_quality.py --datasets coronal4 sagittal4_t2 --variants quick --steps 500 1000 2000
+    python benchmarks/recipe_quality.py --datasets planes3_t2 --variants class_quick --steps 1000 2000
+
+Variants (``VARIANTS`` below) are config lists plus flags; add your own with ``--extra NAME=FLAGS``. Checkpoints
+are taken along one run (a point at step N of a longer cosine schedule has not yet decayed its learning rate, so
+early points are slightly pessimistic against a run stopped there). Wall times are this machine's and include
+validation and previews; timing is measured by ``time.perf_counter`` around each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from datasets import CLASS_DATASETS, SEG_DATASETS, build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+MEDSYNTH = [sys.executable, "-m", "medsynth"]
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+VARIANTS: dict[str, dict] = {
+    # the recipe as a user runs it first: seg2d + quick
+    "quick": {"configs": ["seg2d.yaml", "experiments/quick.yaml"], "flags": []},
+    # the recipe alone (its own budget cut by --steps)
+    "seg2d": {"configs": ["seg2d.yaml"], "flags": []},
+    # the reference paper's training settings on the recipe's net: epsilon, fp32, no EMA, k/255 masks
+    "reference": {"configs": ["seg2d.yaml", "experiments/reference_training.yaml"], "flags": []},
+    "mask_quick": {"configs": ["mask2d.yaml", "experiments/quick.yaml"], "flags": []},
+    "class_quick": {"configs": ["class2d.yaml", "experiments/quick.yaml"], "flags": []},
+    "class2d": {"configs": ["class2d.yaml"], "flags": []},
+}
+
+
+def run(cmd: list, log: Path) -> float:
+    """Run a medsynth command, its output to ``log``; return seconds; raise with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + shlex.join(map(str, cmd)) + "\n")
+        f.flush()
+        proc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+    if proc.returncode:
+        raise RuntimeError(f"command failed ({proc.returncode}), see {log}:\n" + log.read_text()[-3000:])
+    return time.perf_counter() - t0
+
+
+def data_flags(name: str, root: Path, info: dict, image_size: int) -> list:
+    if info["kind"] == "seg":
+        return ["--data.img_dir", root / "images", "--data.seg_dir", root / "masks",
+                "--data.num_classes", info["num_classes"], "--data.image_size", image_size]
+    return ["--data.manifest", root / "classmap.json", "--data.image_size", image_size]
+
+
+def judge(name: str, root: Path, info: dict, work: Path, image_size: int, steps: int) -> tuple[Path, list, float]:
+    """Train (once) the dataset's judge on its real images and score the real test split: (checkpoint, config
+    flags, ceiling)."""
+    seg = info["kind"] == "seg"
+    cfg = ["--config", CONFIGS / ("segmenter2d.yaml" if seg else "classifier2d.yaml")]
+    flags = [*cfg, *data_flags(name, root, info, image_size), "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false"]
+    run_dir = work / "judges" / f"{name}_{image_size}"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    log = run_dir.parent / f"{name}_{image_size}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.is_file():
+        run(MEDSYNTH + ["fit", *flags, "--trainer.max_steps", steps, "--trainer.default_root_dir", run_dir], log)
+    real = run_dir / "scores" / "real_test.json"
+    if not real.is_file():
+        run(MEDSYNTH + ["test", *flags, "--ckpt_path", ckpt, "--trainer.default_root_dir", run_dir], log)
+    key = "test/dice" if seg else "test/accuracy"
+    return ckpt, flags, float(json.loads(real.read_text())["scores"][key])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=["coronal4", "sagittal4_t2"],
+                   choices=[*SEG_DATASETS, *CLASS_DATASETS])
+    p.add_argument("--variants", nargs="*", default=["quick"], help="none: train and score the judges only")
+    p.add_argument("--extra", nargs="*", default=[], metavar="NAME=FLAGS",
+                   help="more variants: a name and the flags added after the base configs, e.g. "
+                        "'lr1e-3=--config configs/seg2d.yaml --config configs/experiments/quick.yaml --model.lr 1e-3'")
+    p.add_argument("--flags", default="", help="flags added to every variant, e.g. '--trainer.max_time null' to "
+                   "measure by steps on a busy machine")
+    p.add_argument("--steps", nargs="+", type=int, default=[500, 1000, 2000], help="budgets (optimiser steps)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--judge-steps", type=int, default=1500)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "recipe_quality")
+    p.add_argument("--data-root", type=Path, default=None, help="where datasets are built (default WORK/data)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per command (OMP_NUM_THREADS); 1 avoids thread thrashing on a busy machine")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipe_quality.json")
+    args = p.parse_args()
+
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
+    variants = {k: VARIANTS[k] for k in args.variants}
+    for spec in args.extra:
+        name, flags = spec.split("=", 1)
+        variants[name] = {"configs": [], "flags": shlex.split(flags)}
+    data_root = args.data_root or args.work / "data"
+    budgets = sorted(args.steps)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    for ds in args.datasets:
+        root = data_root / ds
+        info = build(ds, root)
+        judge_ckpt, judge_flags, ceiling = judge(ds, root, info, args.work, args.image_size, args.judge_steps)
+        print(f"[{ds}] judge ceiling {ceiling:.3f} ({'Dice' if info['kind'] == 'seg' else 'accuracy'})", flush=True)
+        for vname, v in variants.items():
+            run_dir = args.work / "runs" / f"{vname}_{ds}_{args.image_size}"
+            log = args.work / "runs" / f"{vname}_{ds}_{args.image_size}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cfg = [a for c in v["configs"] for a in ("--config", CONFIGS / c)]
+            base = [*cfg, *v["flags"], *shlex.split(args.flags), *data_flags(ds, root, info, args.image_size)]
+            every = budgets[0] if all(b % budgets[0] == 0 for b in budgets) else 100
+            fit_s = run(MEDSYNTH + [
+                "fit", *base, "--trainer.max_steps", budgets[-1], "--trainer.default_root_dir", run_dir,
+                "--trainer.enable_progress_bar", "false",
+                "--trainer.callbacks+=medsynth.callbacks.RunCheckpoint",
+                "--trainer.callbacks.every_n_train_steps", every, "--trainer.callbacks.save_top_k", -1,
+                "--trainer.callbacks.filename", "budget-{step:07d}"], log)
+            for steps in budgets:
+                ckpt = run_dir / "checkpoints" / f"budget-step={steps:07d}.ckpt"
+                if not ckpt.is_file():  # a max_time in the recipe stopped the run before this budget
+                    ckpt = run_dir / "checkpoints" / "last.ckpt"
+                out = run_dir / f"samples_{steps}"
+                pred_s = run(MEDSYNTH + ["predict", *base, "--ckpt_path", ckpt, "--output_dir", out, "--overwrite",
+                                         "--trainer.enable_progress_bar", "false"], log)
+                run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data",
+                                "medsynth.data.SampleDirDataModule", "--data.samples_dir", out,
+                                "--data.overwrite", "true", "--trainer.default_root_dir", args.work / "judges"], log)
+                scores = json.loads((out / "scores.json").read_text())["scores"]
+                score = scores["test/dice" if info["kind"] == "seg" else "test/accuracy"]
+                reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+                row = {"dataset": ds, "variant": vname, "flags": shlex.join(map(str, base)), "steps": steps,
+                       "steps_reached": reached, "image_size": args.image_size, "score": round(score, 4),
+                       "ceiling": round(ceiling, 4), "fraction": round(score / ceiling, 3),
+                       "fit_seconds_total": round(fit_s), "predict_seconds": round(pred_s)}
+                results = [r for r in results if (r["dataset"], r["variant"], r["steps"], r["image_size"])
+                           != (ds, vname, steps, args.image_size)] + [row]
+                print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
+                      f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'dataset':14s} {'variant':24s} {'steps':>6s} {'fraction':>8s} {'score':>6s} {'ceiling':>7s} {'fit s':>6s}")
+    for r in sorted(results, key=lambda r: (r["dataset"], r["variant"], r["steps"])):
+        print(f"{r['dataset']:14s} {r['variant']:24s} {r['steps']:6d} {r['fraction']:8.3f} {r['score']:6.3f} "
+              f"{r['ceiling']:7.3f} {r['fit_seconds_total']:6d}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
