@@ -99,6 +99,8 @@ def main() -> None:
                         "'lr1e-3=--config configs/seg2d.yaml --config configs/experiments/quick.yaml --model.lr 1e-3'")
     p.add_argument("--flags", default="", help="flags added to every variant, e.g. '--trainer.max_time null' to "
                    "measure by steps on a busy machine")
+    p.add_argument("--no-fit", action="store_true",
+                   help="score the budget checkpoints an earlier (possibly stopped) run of the same variant left")
     p.add_argument("--steps", nargs="+", type=int, default=[500, 1000, 2000], help="budgets (optimiser steps)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--judge-steps", type=int, default=1500)
@@ -130,7 +132,7 @@ def main() -> None:
             cfg = [a for c in v["configs"] for a in ("--config", CONFIGS / c)]
             base = [*cfg, *v["flags"], *shlex.split(args.flags), *data_flags(ds, root, info, args.image_size)]
             every = budgets[0] if all(b % budgets[0] == 0 for b in budgets) else 100
-            fit_s = run(MEDSYNTH + [
+            fit_s = float("nan") if args.no_fit else run(MEDSYNTH + [
                 "fit", *base, "--trainer.max_steps", budgets[-1], "--trainer.default_root_dir", run_dir,
                 "--trainer.enable_progress_bar", "false",
                 "--trainer.callbacks+=medsynth.callbacks.RunCheckpoint",
@@ -152,7 +154,7 @@ def main() -> None:
                 row = {"dataset": ds, "variant": vname, "flags": shlex.join(map(str, base)), "steps": steps,
                        "steps_reached": reached, "image_size": args.image_size, "score": round(score, 4),
                        "ceiling": round(ceiling, 4), "fraction": round(score / ceiling, 3),
-                       "fit_seconds_total": round(fit_s), "predict_seconds": round(pred_s)}
+                       "fit_seconds_total": None if args.no_fit else round(fit_s), "predict_seconds": round(pred_s)}
                 results = [r for r in results if (r["dataset"], r["variant"], r["steps"], r["image_size"])
                            != (ds, vname, steps, args.image_size)] + [row]
                 print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
@@ -162,7 +164,7 @@ def main() -> None:
     print(f"\n{'dataset':14s} {'variant':24s} {'steps':>6s} {'fraction':>8s} {'score':>6s} {'ceiling':>7s} {'fit s':>6s}")
     for r in sorted(results, key=lambda r: (r["dataset"], r["variant"], r["steps"])):
         print(f"{r['dataset']:14s} {r['variant']:24s} {r['steps']:6d} {r['fraction']:8.3f} {r['score']:6.3f} "
-              f"{r['ceiling']:7.3f} {r['fit_seconds_total']:6d}")
+              f"{r['ceiling']:7.3f} {r['fit_seconds_total'] or 0:6d}")
     print(f"wrote {args.out}")
 
 
