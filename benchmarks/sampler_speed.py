@@ -1,12 +1,20 @@
-"""Rectified flow with few Euler steps against DDIM-50, on the seg-guided demo: seconds per image and faithfulness.
+"""Samplers against steps on the seg-guided demo: seconds per image and faithfulness, for a DDPM and a flow model.
 
-Both models are demo recipes trained for the same steps (`make demo` gives the DDIM one; the rectified-flow one is
-the same command with ``--model.objective medsynth.diffusion.RectifiedFlowObjective --model.sampler
-medsynth.diffusion.EulerSampler``). Each samples the 15 test masks; quality is the intensity-segmenter Dice of
-``demo_faithfulness.py`` and, with ``--segmenter``, the Dice of a trained segmenter (configs/segmenter2d.yaml);
-loss values of different objectives are not comparable. Prints a table, writes JSON.
+Two demo models trained for the same steps: a DDPM-objective one (`make demo`: v-prediction) and a rectified-flow
+one (the same command with ``--model.objective medsynth.diffusion.RectifiedFlowObjective --model.sampler
+medsynth.diffusion.EulerSampler``). The DDPM model is sampled with DDIM, DPM-Solver++ (2M) and UniPC; the flow model
+with Euler, Heun, and DPM-Solver++ and UniPC on flow sigmas; each at every step count of ``--steps``. Each setting
+samples the 15 test masks in one batch (bf16 autocast, CPU); ``NFE`` counts net evaluations per image (Heun's
+``n`` steps cost ``2n - 1``). Quality is the intensity-segmenter Dice of ``demo_faithfulness.py`` and, with
+``--segmenter``, the Dice of a trained segmenter (configs/segmenter2d.yaml); ``ΔDDIM-50`` is a setting's Dice minus
+DDIM-50's on the DDPM model. Loss values of different objectives are not comparable. Prints a table, writes JSON.
 
     python benchmarks/sampler_speed.py --ddim-ckpt runs/demo/checkpoints/last.ckpt --rf-ckpt runs/demo_rf/checkpoints/last.ckpt
+
+``--analytic`` needs no model: every sampler integrates the exact denoiser of Gaussian data N(0.3, 0.5²) (DDPM
+objectives with the linear and cosine schedules, v-prediction; rectified flow), whose probability-flow ODE has a
+closed form, and the table gives the largest distance to the ODE's true end point over 3 × 64 values: the
+discretisation error of each sampler at each step count, free of training noise (seconds: milliseconds here).
 """
 
 from __future__ import annotations
@@ -22,31 +30,103 @@ import torch
 from demo_faithfulness import fit_thresholds, mean_dice, split_arrays
 
 from medsynth.data.demo import MNI152SliceDataModule
-from medsynth.diffusion import DDIMSampler, EulerSampler
+from medsynth.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, HeunSampler, UniPCSampler
 from medsynth.modules.loading import load_module
 
+DDPM_SAMPLERS = (("DDIM", DDIMSampler), ("DPM-Solver++ 2M", DPMSolverSampler), ("UniPC", UniPCSampler))
+FLOW_SAMPLERS = (("Euler", EulerSampler), ("Heun", HeunSampler), ("DPM-Solver++ 2M (flow)", DPMSolverSampler),
+                 ("UniPC (flow)", UniPCSampler))
 
-def run(module, sampler, masks, repeats: int) -> tuple[float, list]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module.sample(masks, sampler=sampler)
-        times.append((time.perf_counter() - t0) / masks.shape[0])
-    return statistics.median(times), [x[0].float().numpy() for x in out]
+
+def run(module, sampler, masks, repeats: int) -> tuple[float, int, list]:
+    """Median seconds per image over ``repeats``, net evaluations per image, and the samples."""
+    times, out, calls = [], None, []
+    net = module.net
+    forward = net.forward
+    net.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # counts evaluations (one per batch)
+    try:
+        for _ in range(repeats):
+            calls.clear()
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module.sample(masks, sampler=sampler)
+            times.append((time.perf_counter() - t0) / masks.shape[0])
+    finally:
+        del net.forward
+    return statistics.median(times), len(calls), [x[0].float().numpy() for x in out]
+
+
+def gaussian_ode_error(sampler, objective, mu: float = 0.3, sd: float = 0.5) -> float:
+    """Largest distance between ``sampler``'s result and the exact probability-flow ODE end point when the net is
+    the exact denoiser of data N(mu, sd²) (3 samples of 8 × 8, seeds 0-2)."""
+    from medsynth.diffusion.samplers import initial_noise
+
+    flow = objective.family == "flow"
+
+    def coefficients(t):  # xt = a x0 + s eps
+        if flow:
+            s = t.double() / objective.num_train_timesteps
+            return 1 - s, s
+        abar = objective.alphas_cumprod.double()[t.long().cpu()]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def denoise(xt, t):
+        a, s = (v.view(-1, 1, 1, 1) for v in coefficients(t))
+        x0 = mu + a * sd**2 / (a**2 * sd**2 + s**2) * (xt.double() - a * mu)  # E[x0 | xt]
+        eps = (xt.double() - a * x0) / s
+        if flow:
+            return (eps - x0).float()
+        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[objective.prediction_type].float()
+
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    z = initial_noise((1, 8, 8), gens)
+    scheduler = sampler.make_scheduler(objective, (8, 8))
+    scheduler.set_timesteps(sampler.num_inference_steps)
+    a, s = coefficients(torch.as_tensor([scheduler.timesteps[0]]))  # where the sampler starts the ODE
+    exact = mu + sd * (z.double() - a * mu) / (a**2 * sd**2 + s**2).sqrt()  # the standardised coordinate is kept
+    return float((sampler.sample(denoise, z, objective, gens).double() - exact).abs().max())
+
+
+def analytic(steps: list[int], out: Path) -> None:
+    """Print and save the discretisation error of every sampler at every step count (see the module docstring)."""
+    from medsynth.diffusion import DDPMObjective, RectifiedFlowObjective
+
+    objectives = [("DDPM linear (v)", DDPMObjective("v_prediction")),
+                  ("DDPM cosine (v)", DDPMObjective("v_prediction", beta_schedule="squaredcos_cap_v2")),
+                  ("rectified flow", RectifiedFlowObjective())]
+    rows = []
+    for objective_name, objective in objectives:
+        samplers = DDPM_SAMPLERS if objective.family == "diffusion" else FLOW_SAMPLERS
+        for name, cls in samplers:
+            errors = {}
+            for n in steps:
+                kwargs = {"clip_sample": False} if "clip_sample" in cls.__init__.__code__.co_varnames else {}
+                errors[n] = round(gaussian_ode_error(cls(n, progress=False, **kwargs), objective), 4)
+            rows.append({"objective": objective_name, "sampler": name, "max_error": errors})
+    print(f"{'objective':16s} {'sampler':24s} " + " ".join(f"{n:>7d}" for n in steps) + "   (steps)")
+    for r in rows:
+        print(f"{r['objective']:16s} {r['sampler']:24s} " + " ".join(f"{r['max_error'][n]:>7.4f}" for n in steps))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "data": "N(0.3, 0.5^2), exact denoiser"}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ddim-ckpt", type=Path, required=True)
-    p.add_argument("--rf-ckpt", type=Path, required=True)
-    p.add_argument("--ddim-steps", type=int, nargs="+", default=[50])
-    p.add_argument("--euler-steps", type=int, nargs="+", default=[4, 10])
+    p.add_argument("--ddim-ckpt", type=Path, help="a DDPM-objective demo model")
+    p.add_argument("--rf-ckpt", type=Path, help="a rectified-flow demo model")
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--segmenter", type=Path, help="a SegmenterModule checkpoint: also report its Dice (the judge)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/sampler_speed.json")
+    p.add_argument("--analytic", action="store_true", help="the exact-ODE error table instead (no models needed)")
+    p.add_argument("--out", help="JSON output (default benchmarks/results/sampler_speed[_analytic].json)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
+    if args.analytic:
+        return analytic(args.steps, Path(args.out or "benchmarks/results/sampler_speed_analytic.json"))
+    if args.ddim_ckpt is None or args.rf_ckpt is None:
+        p.error("--ddim-ckpt and --rf-ckpt are required (or --analytic)")
+    args.out = args.out or "benchmarks/results/sampler_speed.json"
 
     dm = MNI152SliceDataModule(image_size=64, num_workers=0, random_flip=False)
     dm.setup("fit")
@@ -55,11 +135,11 @@ def main() -> None:
     te_img, te_mask, _ = split_arrays(dm.datasets["test"])
     masks = torch.from_numpy(np.stack(te_mask))
 
-    rows = []
-    ddim_model, rf_model = load_module(args.ddim_ckpt), load_module(args.rf_ckpt)
-    settings = [("DDIM", n, ddim_model, DDIMSampler(n)) for n in args.ddim_steps] + [
-        ("Euler (rectified flow)", n, rf_model, EulerSampler(n)) for n in args.euler_steps
-    ]
+    ddpm_model, rf_model = load_module(args.ddim_ckpt), load_module(args.rf_ckpt)
+    settings = [(name, "DDPM (v)", n, ddpm_model, cls(n, progress=False)) for name, cls in DDPM_SAMPLERS
+                for n in args.steps]
+    settings += [(name, "rectified flow", n, rf_model, cls(n, progress=False)) for name, cls in FLOW_SAMPLERS
+                 for n in args.steps]
     judge = load_module(args.segmenter) if args.segmenter else None
 
     def judged(images) -> float:
@@ -68,19 +148,29 @@ def main() -> None:
         x = torch.from_numpy(np.stack(images))[:, None]
         return round(float(torch.nanmean(judge.per_class_dice(judge(x), masks))), 3)
 
-    for name, steps, model, sampler in settings:
-        sec, samples = run(model, sampler, masks, args.repeats)
-        rows.append({"sampler": name, "steps": steps, "s_per_image": round(sec, 4),
+    rows = []
+    for name, model_name, steps, model, sampler in settings:
+        sec, nfe, samples = run(model, sampler, masks, args.repeats)
+        rows.append({"sampler": name, "model": model_name, "steps": steps, "nfe": nfe, "s_per_image": round(sec, 4),
                      "dice": round(mean_dice(samples, te_mask, lo, hi), 3), "segmenter_dice": judged(samples)})
-    rows.append({"sampler": "real test slices", "steps": 0, "s_per_image": 0.0,
-                 "dice": round(mean_dice(te_img, te_mask, lo, hi), 3), "segmenter_dice": judged(te_img)})
-    print(f"{'sampler':24s} {'steps':>5s} {'s/image':>8s} {'Dice':>6s} {'seg. Dice':>9s}")
+        print(rows[-1], flush=True)
+    ref = next((r for r in rows if r["sampler"] == "DDIM" and r["steps"] == 50), None)
     for r in rows:
-        print(f"{r['sampler']:24s} {r['steps']:>5d} {r['s_per_image']:>8.3f} {r['dice']:>6.3f} {r['segmenter_dice']:>9}")
+        r["delta_ddim50"] = round(r["dice"] - ref["dice"], 3) if ref else None
+    rows.append({"sampler": "real test slices", "model": "-", "steps": 0, "nfe": 0, "s_per_image": 0.0,
+                 "dice": round(mean_dice(te_img, te_mask, lo, hi), 3), "segmenter_dice": judged(te_img),
+                 "delta_ddim50": None})
+    print(f"{'sampler':24s} {'model':15s} {'steps':>5s} {'NFE':>4s} {'s/image':>8s} {'Dice':>6s} {'ΔDDIM-50':>9s} "
+          f"{'seg. Dice':>9s}")
+    for r in rows:
+        delta = "" if r["delta_ddim50"] is None else f"{r['delta_ddim50']:+.3f}"
+        print(f"{r['sampler']:24s} {r['model']:15s} {r['steps']:>5d} {r['nfe']:>4d} {r['s_per_image']:>8.3f} "
+              f"{r['dice']:>6.3f} {delta:>9s} {r['segmenter_dice']:>9}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "batch": int(masks.shape[0]), "precision": "bf16 autocast, CPU",
-                               "ddim_ckpt": str(args.ddim_ckpt), "rf_ckpt": str(args.rf_ckpt)}, indent=2) + "\n")
+                               "repeats": args.repeats, "ddim_ckpt": str(args.ddim_ckpt),
+                               "rf_ckpt": str(args.rf_ckpt)}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
