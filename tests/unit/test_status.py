@@ -1,6 +1,9 @@
 """``medsynth.status`` draws RUN/curves.png from the run's own logs, with no network (issue #16)."""
 
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,14 +41,19 @@ def test_status_writes_curves_from_a_csv_log(tmp_path, capsys):
 
 
 def test_curves_come_from_the_wandb_run_files_without_syncing(tmp_path):
-    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("wandb")
     run_dir = tmp_path / "run"
-    run = wandb.init(mode="offline", dir=str(run_dir), project="medsynth-test", settings=wandb.Settings(silent=True))
-    for step in range(300):  # enough records to span several 32 KiB log blocks
-        run.log({"train/loss": 1.0 / (step + 1), "train/lr": 1e-4, "trainer/global_step": step,
-                 "note": "x" * 200})
-    run.log({"val/loss": 0.25, "trainer/global_step": 299})
-    run.finish()
+    # a fresh process: wandb keeps global settings from any earlier run in this one (e.g. a WandbLogger's)
+    script = f"""
+import wandb
+run = wandb.init(mode="offline", dir={str(run_dir)!r}, project="medsynth-test", settings=wandb.Settings(silent=True))
+for step in range(300):  # enough records to span several 32 KiB log blocks
+    run.log({{"train/loss": 1.0 / (step + 1), "train/lr": 1e-4, "trainer/global_step": step, "note": "x" * 200}})
+run.log({{"val/loss": 0.25, "trainer/global_step": 299}})
+run.finish()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    subprocess.run([sys.executable, "-c", script], check=True, env={**env, "WANDB_MODE": "offline"}, cwd=tmp_path)
     series = read_wandb_metrics(run_dir)
     assert [s for s, _ in series["train/loss"]] == list(range(300))
     assert series["train/loss"][9] == (9.0, pytest.approx(0.1)) and series["val/loss"] == [(299.0, 0.25)]
