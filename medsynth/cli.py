@@ -8,7 +8,14 @@ This is the only module that knows about the command line. Conventions it enforc
 * ``predict --ckpt_path`` takes the architecture (and the data's class count, channels and size) from the
   checkpoint, the data folders from the command line or else the checkpoint, and the sampler and seed from the
   command line;
-* data describes itself to the model: ``num_classes``, ``channels`` and ``image_size`` are linked from the data.
+* data describes itself to the model: ``num_classes``, ``channels`` and ``image_size`` are linked from the data;
+* nothing is written before every input has been checked (:meth:`MedsynthCLI._preflight`): options (typed
+  constraints, then the classes' own checks), the stage's data files, the checkpoint against the model and data;
+  ``predict``/``validate``/``test``/``export`` refuse to run without trained weights; ``--ckpt_path last|best``
+  resolve to a file; a fit into a folder holding a run's checkpoints needs ``--ckpt_path``;
+* a refusal is one line on stderr (``medsynth: error: ...``, exit status 2; ``--debug`` shows the traceback):
+  Lightning's announcements are held back until the run starts (:class:`HeldOutput`);
+* output folders are claimed atomically and marked ``INCOMPLETE`` until their results are whole.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
+import logging
 import os
 import re
 import sys
@@ -23,18 +32,29 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
 import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from medsynth.callbacks.writers import SampleWriter, check_output_dir
+from medsynth.callbacks.writers import SampleWriter
 from medsynth.errors import MedsynthError
-from medsynth.io import atomic_write, free_path, save_json
-from medsynth.modules.loading import check_checkpoint, checkpoint_model_config
+from medsynth.io import (
+    abandon_output_dir,
+    atomic_write,
+    claim_output_dir,
+    free_path,
+    release_output_dir,
+    save_json,
+    write_error,
+)
+from medsynth.modules.checks import check_denoiser_shape
+from medsynth.modules.loading import check_checkpoint, check_weights_fit, checkpoint_model_config
+
+log = logging.getLogger("medsynth.cli")
 
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "output", "sample_shape",
@@ -45,10 +65,122 @@ MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensit
                               "normalization", "percentiles", "ct_window")
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
 DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
+"""Where the data lives: taken from the checkpoint only when not given on the command line."""
 PREDICT_TIME_MODEL_ARGS = ("sampler", "sample_seed", "guidance_scale", "predict_output", "latent_scaling",
                            "autoencoder", "decode_tile")
 """Model arguments that ``predict --ckpt_path`` takes from the command line/config, not from the checkpoint."""
-"""Where the data lives: taken from the checkpoint only when not given on the command line."""
+NEEDS_WEIGHTS = ("predict", "validate", "test", "export")
+"""Subcommands that use trained weights: they refuse to run without ``--ckpt_path`` (never an untrained model)."""
+STAGES = {"fit": "fit", "lr_find": "fit", "validate": "validate", "test": "test", "predict": "predict"}
+"""The DataModule stage each subcommand sets up (and checks) before the Trainer writes anything."""
+
+
+class HeldOutput:
+    """Holds back what Lightning and Python announce (seed, accelerator, tips, warnings) while a run's inputs are
+    checked: a refused run prints only its one-line error, a run that passes prints them when it starts.
+
+    Lightning's loggers (and medsynth's) get a collecting handler and ``warnings.showwarning`` a collecting function
+    until :meth:`release` (replays everything, in order, to the usual places) or :meth:`discard`.
+    """
+
+    LOGGERS = ("lightning.pytorch", "lightning.fabric", "medsynth")
+
+    def __init__(self) -> None:
+        self.records: list = []
+        self._saved: Optional[dict] = None
+        self._showwarning = None
+
+    def hold(self) -> "HeldOutput":
+        if self._saved is not None:
+            return self
+        records = self.records
+
+        class Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(("log", record))
+
+        self._saved = {}
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved[name] = (logger.handlers[:], logger.propagate)
+            logger.handlers, logger.propagate = [Collect()], False
+        self._showwarning = warnings.showwarning
+        # warnings already being recorded (warnings.catch_warnings(record=True), as pytest does) go on to the recorder
+        recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__name__", "") != "_showwarnmsg_impl"
+        if not recording:
+
+            def showwarning(message, category, filename, lineno, file=None, line=None):
+                records.append(("warning", (message, category, filename, lineno, file, line)))
+
+            warnings.showwarning = showwarning
+        return self
+
+    def _restore(self) -> None:
+        if self._saved is None:
+            return
+        for name, (handlers, propagate) in self._saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+        warnings.showwarning = self._showwarning
+        self._saved = None
+
+    def release(self) -> None:
+        """Stop holding and print what was held, as it would have been printed."""
+        held = self._saved is not None
+        self._restore()
+        records, self.records[:] = list(self.records), []
+        if not held:
+            return
+        for kind, item in records:
+            if kind == "log":
+                logging.getLogger(item.name).handle(item)
+            else:
+                warnings.showwarning(*item)
+
+    def discard(self) -> None:
+        """Stop holding and drop what was held (a refused run)."""
+        self._restore()
+        self.records.clear()
+
+
+class ReleaseHeldOutput(Callback):
+    """Prints the held announcements when the run actually starts (its inputs have passed every check)."""
+
+    def __init__(self, held: HeldOutput) -> None:
+        self.held = held
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.held.release()
+
+    on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = on_fit_start
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _MedsynthFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"medsynth: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_medsynth_logging() -> None:
+    """medsynth's own notices (e.g. settings a resumed checkpoint overrides) as ``medsynth: warning: ...`` lines."""
+    logger = logging.getLogger("medsynth")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_MedsynthFormatter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class MedsynthTrainer(Trainer):
@@ -80,16 +212,25 @@ class MedsynthTrainer(Trainer):
                 index.
             weights_only: passed to ``torch.load`` for the checkpoint.
         """
-        if output_dir is not None:
-            check_output_dir(output_dir, overwrite)
-            if seed is not None and model is not None:
-                model.sample_seed = seed
-            self.predict_output_dir = Path(output_dir)
-            meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
-            writer = getattr(model, "prediction_writer", None)
-            self.callbacks.append(writer(output_dir, meta) if writer else SampleWriter(output_dir, metadata=meta))
-            return_predictions = bool(return_predictions)
-        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        if output_dir is None:
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        if seed is not None and model is not None:
+            model.sample_seed = seed
+        self.predict_output_dir = Path(output_dir)
+        meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
+        writer = getattr(model, "prediction_writer", None)
+        self.callbacks.append(writer(output_dir, meta) if writer else SampleWriter(output_dir, metadata=meta))
+        # one process claims the folder (DDP's other ranks start after the claim and write into it)
+        claim = claim_output_dir(output_dir, overwrite, "medsynth predict") if rank_zero_only.rank == 0 else None
+        try:
+            result = super().predict(model, dataloaders, datamodule, bool(return_predictions), ckpt_path, weights_only)
+        except BaseException:
+            if claim is not None:
+                abandon_output_dir(claim)  # nothing written yet: undone; else the INCOMPLETE marker stays
+            raise
+        if claim is not None:
+            release_output_dir(output_dir)
+        return result
 
     def export(
         self,
@@ -102,7 +243,7 @@ class MedsynthTrainer(Trainer):
         """Export a trained net in diffusers format (``OUTPUT_DIR/unet/config.json`` + safetensors).
 
         Args:
-            model: the model whose net is exported.
+            model: the model whose net is exported (a diffusion model's).
             datamodule: unused; accepted so the training config can be reused unchanged.
             ckpt_path: checkpoint to export (EMA weights when EMA was used).
             output_dir: destination folder; must be empty unless ``overwrite``.
@@ -110,14 +251,19 @@ class MedsynthTrainer(Trainer):
         """
         if ckpt_path is None or output_dir is None:
             raise MedsynthError("export needs --ckpt_path CKPT and --output_dir DIR")
-        check_checkpoint(ckpt_path)
-        check_output_dir(output_dir, overwrite)
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict(state)
-        path = model.export_diffusers(output_dir)
+        state = check_checkpoint(ckpt_path)["state_dict"]
+        check_exportable(model, ckpt_path)
+        check_weights_fit(ckpt_path, model, state)
+        claim = claim_output_dir(output_dir, overwrite, "medsynth export")
+        try:
+            model.load_state_dict(state)
+            path = model.export_diffusers(output_dir)
+        except BaseException:
+            abandon_output_dir(claim)
+            raise
+        release_output_dir(output_dir)
         print(f"exported {type(model.net).__name__} to {path}")
         return path
-
 
     def lr_find(
         self,
@@ -156,6 +302,18 @@ class MedsynthTrainer(Trainer):
         return suggestion
 
 
+def check_exportable(model: LightningModule, ckpt_path) -> None:
+    """Refuse to export a model that has no diffusers form (an autoencoder, a segmenter, a classifier).
+
+    Raises:
+        MedsynthError: naming the checkpoint and what it holds.
+    """
+    net = getattr(model, "net", None)
+    if not callable(getattr(model, "export_diffusers", None)) or not callable(getattr(net, "save_pretrained", None)):
+        raise MedsynthError(f"{ckpt_path}: holds a {type(model).__name__} with a {type(net).__name__}; export writes "
+                            "diffusion UNets in diffusers format (give a DiffusionModule checkpoint with a UNet2D)")
+
+
 class RunConfigCallback(SaveConfigCallback):
     """Saves the resolved config in the run folder; a resumed run gets ``config.1.yaml`` and so on, never overwrites.
 
@@ -177,7 +335,10 @@ class RunConfigCallback(SaveConfigCallback):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.config_filename = trainer.strategy.broadcast(free_path(log_dir / "config.yaml").name)
-        super().setup(trainer, pl_module, stage)
+        try:
+            super().setup(trainer, pl_module, stage)
+        except OSError as exc:
+            raise write_error(log_dir / self.config_filename, exc) from None
 
 
 def _wandb_key_available() -> bool:
@@ -187,10 +348,26 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _builtin(value):
+    """``value`` with jsonargparse's constrained numbers (``PositiveInt`` ...) turned into plain ``int``/``float``:
+    linked values land in checkpoints, which must load with ``torch.load(weights_only=True)``."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_builtin(v) for v in value) if type(value) in (list, tuple) else [_builtin(v) for v in value]
+    return value
+
+
 def _model_arg(name: str):
     def get(data):
         args = data.model_args() if hasattr(data, "model_args") else {}
-        return args.get(name, MODEL_ARG_DEFAULTS[name])
+        return _builtin(args.get(name, MODEL_ARG_DEFAULTS[name]))
 
     get.__name__ = f"data_{name}"
     return get
@@ -201,6 +378,51 @@ MODEL_ARG_DEFAULTS = {"num_classes": 0, "image_channels": 1, "image_size": 64, "
 LATENT_SPACE_IDENTITY = ("autoencoder_sha256", "shift", "scale", "latent_channels", "downsample_factor")
 """What must agree between a latent model's checkpoint and the latents it is given (the rest, such as the output
 spacing or the autoencoder's path, may change at predict)."""
+
+
+def _plain(value):
+    """A config value as plain data (jsonargparse namespaces become dicts) for comparing."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Refuse a run folder that cannot be created or written (before anything is tried there)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MedsynthError(f"{folder}: {existing} is not a folder; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MedsynthError(f"{folder}: cannot write in {existing} (permission denied); choose another {option}")
+
+
+class _SetUpOnce:
+    """A DataModule's ``setup`` that skips the stage already set up (picklable, for spawned processes)."""
+
+    def __init__(self, setup, done: str) -> None:
+        self.setup, self.done = setup, done
+
+    def __call__(self, stage: str) -> None:
+        if stage != self.done:
+            self.setup(stage)
+
+
+def _set_up_early(datamodule: LightningDataModule, stage: str) -> None:
+    """Set up (build and check every file of) the DataModule's ``stage`` now, before the Trainer writes anything;
+    Lightning's own ``setup`` call for that stage then does nothing."""
+    datamodule.setup(stage)
+    datamodule.setup = _SetUpOnce(datamodule.setup, stage)
 
 
 def _is_subclass(class_path: Optional[str], base: type) -> bool:
@@ -217,7 +439,8 @@ def _is_subclass(class_path: Optional[str], base: type) -> bool:
 class MedsynthCLI(LightningCLI):
     """LightningCLI for medsynth: subclass mode for model and data, run-folder conventions, data→model links."""
 
-    def __init__(self, args=None, run: bool = True) -> None:
+    def __init__(self, args=None, run: bool = True, held: Optional[HeldOutput] = None) -> None:
+        self.held = held or HeldOutput()
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -243,8 +466,9 @@ class MedsynthCLI(LightningCLI):
 
     def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
         """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        ckpt = check_checkpoint(ckpt_path)
+        saved = ckpt.get("datamodule_hyper_parameters") or {}
+        saved = dict(saved) if isinstance(saved, dict) else {}
         data = self.config[sub].get("data")
         if not saved or data is None:
             return
@@ -265,35 +489,90 @@ class MedsynthCLI(LightningCLI):
         """The model config saved in the checkpoint replaces the command line's (as LightningCLI does), keeping
         only arguments the model class takes: data links record facts a model may not use (e.g. image_size)."""
         class_path, init_args = checkpoint_model_config(ckpt_path)
-        self.config = self.parser.parse_object(
-            {sub: {"model": {"class_path": class_path, "init_args": init_args}}}, self.config
-        )
+        try:
+            self.config = self.parser.parse_object(
+                {sub: {"model": {"class_path": class_path, "init_args": init_args}}}, self.config
+            )
+        except (ArgumentError, argparse.ArgumentError, MedsynthError) as exc:
+            raise MedsynthError(f"{ckpt_path}: its saved model config is refused ({_one_line(str(exc))})") from None
+
+    def _checkpoint_dirs(self, sub: str) -> list[Path]:
+        """The folders the run's checkpoint callbacks write to (``RUN/checkpoints`` unless configured)."""
+        trainer = self.config[sub]["trainer"]
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        dirs = []
+        for cb in trainer.get("callbacks") or []:
+            if hasattr(cb, "get") and _is_subclass(cb.get("class_path"), ModelCheckpoint):
+                dirpath = (cb.get("init_args") or {}).get("dirpath")
+                dirs.append(Path(dirpath) if dirpath else root / "checkpoints")
+        return list(dict.fromkeys(dirs)) or [root / "checkpoints"]
+
+    def _resolve_named_checkpoint(self, sub: str, name: str) -> str:
+        """The file ``--ckpt_path last`` or ``best`` stands for in the run folder (``--trainer.default_root_dir``):
+        ``last.ckpt``, or the best checkpoint its checkpoint state records."""
+        dirs = self._checkpoint_dirs(sub)
+        last = next((d / "last.ckpt" for d in dirs if (d / "last.ckpt").is_file()), None)
+        if last is None:
+            raise MedsynthError(f"--ckpt_path {name}: no checkpoint {dirs[0] / 'last.ckpt'}; give "
+                                "--trainer.default_root_dir RUN of a run, or the checkpoint file itself")
+        if name == "last":
+            return str(last)
+        states = (check_checkpoint(last).get("callbacks") or {}).values()
+        for state in sorted((s for s in states if isinstance(s, dict)), key=lambda s: not s.get("monitor")):
+            recorded = state.get("best_model_path")
+            if state.get("monitor") and isinstance(recorded, str) and recorded:
+                for candidate in (Path(recorded), last.parent / Path(recorded).name):  # the run may have moved
+                    if candidate.is_file():
+                        return str(candidate)
+        raise MedsynthError(f"--ckpt_path best: {last} records no best checkpoint that still exists (none monitored "
+                            "a metric?); give the checkpoint file")
 
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
+        if not sub:
+            return
         keep = {}
         if sub == "predict":
             model = self.config[sub].get("model")
             init = model.get("init_args") if model is not None else None
             if init is not None:
                 keep = {k: init.get(k) for k in PREDICT_TIME_MODEL_ARGS if k in init}
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and ckpt_path not in ("last", "best"):
-            check_checkpoint(ckpt_path)
-        if sub in ("predict", "validate", "test", "export") and ckpt_path and Path(ckpt_path).is_file():
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path in ("last", "best"):
+            ckpt_path = self._resolve_named_checkpoint(sub, ckpt_path)
+            self.config[sub]["ckpt_path"] = ckpt_path  # the file itself goes into metadata, with its SHA-256
+        if not ckpt_path:
+            return
+        check_checkpoint(ckpt_path)
+        if sub in ("predict", "validate", "test", "export"):
             self._apply_checkpoint_data(sub, ckpt_path)
-        if ckpt_path and Path(ckpt_path).is_file():
-            self._apply_checkpoint_model(sub, ckpt_path)
+        given = _plain((self.config[sub].get("model") or {}).get("init_args") or {})
+        self._apply_checkpoint_model(sub, ckpt_path)
         for k, v in keep.items():
             self.config[sub]["model"]["init_args"][k] = v
+        self._report_overridden(sub, ckpt_path, given)
+
+    def _report_overridden(self, sub: str, ckpt_path: str, given: dict) -> None:
+        """Say which model settings of the command line/config the checkpoint's replace (never silently)."""
+        used = _plain(self.config[sub]["model"].get("init_args") or {})
+        def same(a, b) -> bool:
+            return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+        differ = [k for k in given if k in used and k not in DATA_TO_MODEL and not same(given[k], used[k])]
+        if differ:
+            what = "a resumed run keeps" if sub == "fit" else f"{sub} uses"
+            shown = ", ".join(f"model.{k}={_short(given[k])} (checkpoint: {_short(used[k])})" for k in differ[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            log.warning(f"{what} the model settings saved in {ckpt_path}; not applied: {shown}{more}")
 
     def _check_checkpoint_matches_data(self) -> None:
-        """Refuse data that describes another model than the checkpoint holds (one line instead of a state-dict
-        size mismatch)."""
+        """Refuse data that describes another model than the checkpoint holds, and weights that do not fit the model
+        built (one line instead of a state-dict size mismatch)."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        ckpt = check_checkpoint(ckpt_path)
+        saved = ckpt.get("hyper_parameters", {})
         current = getattr(self.model, "hparams", {})
         takes = inspect.signature(type(self.model).__init__).parameters
         for name in DATA_TO_MODEL:
@@ -310,27 +589,88 @@ class MedsynthCLI(LightningCLI):
                     f"{ckpt_path}: the model was trained with {name}={saved[name]!r} but the data gives "
                     f"{current[name]!r}"
                 )
+        check_weights_fit(ckpt_path, self.model, ckpt["state_dict"])
+
+    def _refuse_existing_run(self) -> None:
+        """A fit without ``--ckpt_path`` into a folder that already holds a run's checkpoints would mix two runs."""
+        for cb in self.trainer.checkpoint_callbacks:
+            folder = Path(cb.dirpath) if getattr(cb, "dirpath", None) else None
+            if folder is not None and folder.is_dir() and any(folder.glob("*.ckpt")):
+                raise MedsynthError(f"{folder}: already holds the checkpoints of a run; resume it with --ckpt_path "
+                                    f"{folder / 'last.ckpt'}, or give another --trainer.default_root_dir")
+
+    def _preflight(self) -> None:
+        """Everything that can be checked before the Trainer writes (run folder, ``config.yaml``, output folder):
+        trained weights for the subcommands that use them, the run folder, the checkpoint against the model and data,
+        every file of the stage's data, and the model's own checks. Then the run starts and Lightning's
+        announcements are printed."""
+        sub = self.subcommand
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if sub in NEEDS_WEIGHTS and not ckpt_path:
+            raise MedsynthError(f"{sub} needs trained weights: --ckpt_path RUN/checkpoints/last.ckpt (or last/best "
+                                "with --trainer.default_root_dir RUN); an untrained model is never used")
+        if sub in ("fit", "lr_find"):
+            _check_writable(Path(self.trainer.default_root_dir), "--trainer.default_root_dir")
+        if sub == "fit" and not ckpt_path:
+            self._refuse_existing_run()
+        if sub == "export":
+            check_exportable(self.model, ckpt_path)
+        if ckpt_path:
+            self._check_checkpoint_matches_data()
+        stage = STAGES.get(sub)
+        if stage is not None and self.datamodule is not None:
+            _set_up_early(self.datamodule, stage)
+        if stage == "fit":
+            # inputs a model reads only when training starts (e.g. a stage-1 checkpoint), shapes the net cannot take
+            check = getattr(self.model, "check_fit_inputs", None)
+            if check is not None:
+                check(self.datamodule)
+        if stage == "predict":
+            check = getattr(self.model, "check_predict_inputs", None)
+            if check is not None:
+                check()
+        if stage in ("fit", "predict"):
+            self._check_net_shapes(stage)
+        self.trainer.callbacks.append(ReleaseHeldOutput(self.held))
+
+    def _check_net_shapes(self, stage: str) -> None:
+        """A diffusion model's net must take the shapes it will be given (e.g. an image side its downsampling
+        divides); nets that check their own shapes (``check_spatial_shape``) are left to the model's checks."""
+        model = self.model
+        if not hasattr(model, "denoise") or hasattr(getattr(model, "net", None), "check_spatial_shape"):
+            return
+        shapes = getattr(self.datamodule, "training_shapes", None) if stage == "fit" else None
+        if shapes is not None:
+            for shape in shapes():
+                check_denoiser_shape(model, shape, f"data.crop_size={shape[0]}")
+            return
+        sample_shape = getattr(model, "sample_shape", None)
+        if sample_shape:
+            check_denoiser_shape(model, sample_shape, f"sample shape {list(sample_shape)}")
+        else:
+            size = int(model.image_size)
+            check_denoiser_shape(model, (size, size), f"data.image_size={size}")
 
     def before_fit(self) -> None:
-        # Inputs a model reads only when training starts (e.g. a stage-1 checkpoint) are checked before anything
-        # is written, so a bad one leaves no run folder behind.
-        check = getattr(self.model, "check_fit_inputs", None)
-        if check is not None:
-            check(self.datamodule)
+        self._preflight()
+
+    def before_lr_find(self) -> None:
+        self._preflight()
 
     def before_predict(self) -> None:
-        self._check_checkpoint_matches_data()
-        check = getattr(self.model, "check_predict_inputs", None)
-        if check is not None:
-            check()
+        self._preflight()
         # the resolved config travels into metadata.json, beside the samples it produced
         self.trainer.run_config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
 
     def before_validate(self) -> None:
-        self._check_checkpoint_matches_data()
+        self._preflight()
 
     def before_test(self) -> None:
-        self._check_checkpoint_matches_data()
+        self._preflight()
+
+    def before_export(self) -> None:
+        self._preflight()
+        self.held.release()
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
@@ -389,14 +729,24 @@ def main(args: Optional[list[str]] = None) -> None:
     args = [a for a in args if a != "--debug"]
     if from_command_line:  # LightningCLI (and DDP's relaunch) read sys.argv
         sys.argv[1:] = args
+    _setup_medsynth_logging()
+    held = HeldOutput()
+    if not debug:  # Lightning's announcements wait until the inputs have passed their checks
+        held.hold()
     try:
-        MedsynthCLI(args=None if from_command_line else args)
+        MedsynthCLI(args=None if from_command_line else args, held=held)
     except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None or debug:
+            held.release()
             raise
+        held.discard()
         print(f"medsynth: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseException:
+        held.release()
+        raise
+    held.release()
 
 
 def _one_line(message: str) -> str:
@@ -404,6 +754,9 @@ def _one_line(message: str) -> str:
     text = " ".join(message.split())
     text = re.sub(r" ?Does not validate against any of the Union subtypes Subtypes: \[.*?\] Errors: -", "", text)
     text = re.sub(r" - Expected a <class 'NoneType'>.*$", "", text)
+    nested = re.compile("Parser key \"([\\w.]+)\": Problem with given class_path '[^']*': Parser key \"([\\w.]+)\"")
+    while nested.search(text):  # Parser key "data": ... class_path '...': Parser key "batch_size" -> "data.batch_size"
+        text = nested.sub(r'Parser key "\1.\2"', text)
     return re.sub(r" Given value type: .*$", "", text)
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from medsynth.errors import MedsynthError
+from medsynth.io import write_error
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to ``.NAME.partial`` and renames it into place: a killed job never leaves a
@@ -16,8 +19,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        except OSError as exc:  # disk full, quota, read-only place: one line naming the checkpoint
+            tmp.unlink(missing_ok=True)
+            raise write_error(path, exc) from None
+        except RuntimeError as exc:  # torch.save reports a failed write as a RuntimeError of its zip writer
+            tmp.unlink(missing_ok=True)
+            if "write" not in str(exc).lower() and "file" not in str(exc).lower():
+                raise
+            raise MedsynthError(f"{path}: cannot write checkpoint ({' '.join(str(exc).split())[:120]}); free space "
+                                "or choose another --trainer.default_root_dir") from None
+
+
+def moved_checkpoint_state(state: dict, dirpath: str) -> dict:
+    """A ``ModelCheckpoint`` state saved in another folder (the run folder was moved or copied), with its paths moved
+    into ``dirpath``: files that exist there keep their role (last, best, top-k), so a resumed run keeps writing
+    ``last.ckpt`` (not ``last-v1.ckpt`` beside a stale one) and keeps its best scores."""
+    def moved(path):
+        if not isinstance(path, str) or not path:
+            return path
+        candidate = os.path.join(dirpath, os.path.basename(path))
+        return candidate if os.path.isfile(candidate) else ""
+
+    state = dict(state, dirpath=dirpath)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = moved(state[key])
+    if isinstance(state.get("best_k_models"), dict):
+        state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items() if moved(k)}
+    return state
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -28,13 +60,22 @@ class RunCheckpoint(ModelCheckpoint):
     before EMA swaps its average into the live model, so a resumed run continues from the raw weights. All other
     behaviour
     (best-by-metric, every N steps, ``dirpath`` defaulting to ``<default_root_dir>/checkpoints``) is unchanged.
-    It also makes every checkpoint write of the run atomic (:class:`AtomicCheckpointIO`).
+    It also makes every checkpoint write of the run atomic (:class:`AtomicCheckpointIO`), and a run folder that
+    was moved or copied resumes with its checkpoints where they now are (:func:`moved_checkpoint_state`).
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.realpath(saved) != os.path.realpath(self.dirpath):
+            state_dict = moved_checkpoint_state(state_dict, self.dirpath)  # the run folder was moved or copied
+        elif saved and self.dirpath:
+            state_dict = dict(state_dict, dirpath=self.dirpath)  # the same folder spelled another way
+        super().load_state_dict(state_dict)
 
     def _save_final(self, trainer) -> None:
         """Write last.ckpt for the final step while the live weights are still the raw ones."""

@@ -14,20 +14,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import medsynth
-from medsynth.errors import MedsynthError
 from medsynth.io import save_json, save_nifti, save_npy, save_png
 from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
 from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, to_uint8
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite``; existing results are never replaced silently."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise MedsynthError(f"{path}: output_dir exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise MedsynthError(f"{path}: output_dir is not empty; choose another folder or pass --overwrite true")
-    return path
 
 
 def generated_affine(latent_space: dict) -> np.ndarray:

@@ -15,15 +15,26 @@ Two layouts, each giving class names in label order:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
-from medsynth.data.image2d import ImageRecord, list_image_files, read_image, resize_image, to_unit_range
+from medsynth.data.datamodules import check_intensity_range, check_positive_options
+from medsynth.data.image2d import (
+    SPLITS,
+    ImageRecord,
+    check_distinct,
+    list_image_files,
+    read_image,
+    resize_image,
+    to_unit_range,
+)
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError
 
@@ -40,19 +51,25 @@ def read_class_map(path: Path) -> tuple[list[str], list[Path]]:
     """Class names (label order) and their folders from a JSON class map.
 
     Raises:
-        DataError: unreadable map, labels that are not 0..N-1, a missing folder, an unsafe class name.
+        DataError: unreadable map or a repeated key, label keys that are not exactly ``0..N-1`` (written plainly:
+            ``"1"``, not ``"01"``), label and name keys mixed, a missing folder, two classes on one folder, an
+            unsafe class name.
     """
     path = Path(path)
     raw = load_json(path, "class map")
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, str) for v in raw.values()):
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, str) and v for v in raw.values()):
         raise DataError(f"{path}: class map must be a non-empty object mapping label or name -> folder")
     keys = list(raw)
-    if all(k.lstrip("-").isdigit() for k in keys):
-        labels = sorted(int(k) for k in keys)
-        for i, label in enumerate(labels):
-            if label != i:
-                raise DataError(f"{path}: label {label} is outside the class map; labels must be 0..{len(keys) - 1}")
-        folders = [path.parent / raw[str(i)] for i in labels]
+    numeric = [k for k in keys if k.strip().lstrip("+-").isdigit()]
+    if numeric and len(numeric) < len(keys):
+        raise DataError(f"{path}: keys mix labels ('{numeric[0]}') and names; use labels 0..N-1 or names only")
+    if numeric:
+        expected = [str(i) for i in range(len(keys))]
+        if sorted(keys, key=lambda k: (len(k), k)) != expected:
+            odd = next(k for k in keys if k not in expected)
+            raise DataError(f"{path}: label {odd} is outside the class map; labels must be 0..{len(keys) - 1}, "
+                            "each once, written plainly")
+        folders = [path.parent / raw[k] for k in expected]
         names = [f.name for f in folders]
     else:
         folders = [path.parent / raw[k] for k in keys]
@@ -61,6 +78,12 @@ def read_class_map(path: Path) -> tuple[list[str], list[Path]]:
         _check_name(name, path)
         if not folder.is_dir():
             raise DataError(f"{path}: class '{name}' names a missing folder {folder}")
+    real = [os.path.realpath(f) for f in folders]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            j = real.index(r)
+            raise DataError(f"{path}: classes '{names[j]}' and '{names[i]}' share the folder {folders[i]}; each "
+                            "class needs its own")
     if len(set(names)) != len(names):
         raise DataError(f"{path}: two classes share a name; name the classes with keys instead of labels")
     return names, folders
@@ -72,8 +95,13 @@ def _split_of(file: Path) -> str:
 
 
 def class_map_files(folder: Path, split: str) -> list[Path]:
-    """A class-map folder's files of one split: its ``<split>/`` subfolder, else the hashed 90/10 split."""
+    """A class-map folder's files of one split: its ``<split>/`` subfolder, else the hashed 90/10 split.
+
+    Raises:
+        DataError: a file or folder that would not be read (see :func:`list_image_files`).
+    """
     if (folder / "train").is_dir():
+        list_image_files(folder, suffixes=(), allow_folders=SPLITS)  # nothing loose beside train/ val/ test/
         return list_image_files(folder / split)
     return [f for f in list_image_files(folder) if _split_of(f) == split] if split != "test" else []
 
@@ -135,18 +163,22 @@ class ClassImageDataModule(L.LightningDataModule):
         self,
         manifest: Optional[Path] = None,
         root: Optional[Path] = None,
-        image_size: int = 64,
-        channels: int = 1,
+        image_size: PositiveInt = 64,
+        channels: PositiveInt = 1,
         intensity_range: Optional[tuple[float, float]] = None,
-        batch_size: int = 8,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
         random_flip: bool = False,
-        samples_per_class: int = 8,
+        samples_per_class: PositiveInt = 8,
         predict_images: bool = False,
     ) -> None:
         super().__init__()
         if (manifest is None) == (root is None):
             raise DataError("give exactly one of data.manifest (a JSON class map) and data.root (folders per class)")
+        check_positive_options(image_size=image_size, channels=channels, batch_size=batch_size,
+                               samples_per_class=samples_per_class)
+        check_positive_options(least=0, num_workers=num_workers)
+        check_intensity_range(intensity_range)
         self.save_hyperparameters()
         self.manifest = Path(manifest) if manifest is not None else None
         self.root = Path(root) if root is not None else None
@@ -165,7 +197,10 @@ class ClassImageDataModule(L.LightningDataModule):
         if self.manifest is not None:
             return read_class_map(self.manifest)
         train = self.root / "train"
-        folders = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        folders = (sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+                   if train.is_dir() else [])
+        if train.is_dir():  # a loose file beside the class folders would be skipped without a word
+            list_image_files(train, suffixes=(), allow_folders=[f.name for f in folders])
         if not folders:
             raise DataError(f"{train}: no class folders (expected {train}/<class_name>/ with images)")
         return [_check_name(f.name, self.root) for f in folders], folders
@@ -188,6 +223,7 @@ class ClassImageDataModule(L.LightningDataModule):
             raise DataError(f"{self.manifest or self.root / split}: empty split '{split}': no images in any class")
         for rec, _ in items:
             read_image(rec.image, self.channels)
+        check_distinct([rec for rec, _ in items])  # one image in two classes
         return items
 
     def _dataset(self, split: str, random_flip: bool = False) -> LabelledImageDataset:
@@ -198,6 +234,7 @@ class ClassImageDataModule(L.LightningDataModule):
         if stage == "fit":
             self.datasets["train"] = self._dataset("train", self.random_flip)
             self.datasets["val"] = self._dataset("val")
+            check_distinct([rec for ds in (self.datasets["train"], self.datasets["val"]) for rec, _ in ds.items])
         elif stage == "validate":
             self.datasets["val"] = self._dataset("val")
         elif stage == "test":  # the judge's real-image ceiling: needs test/ folders

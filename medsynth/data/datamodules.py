@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
 
 from medsynth.data.image2d import (
@@ -13,11 +15,39 @@ from medsynth.data.image2d import (
     ImageRecord,
     IndexDataset,
     SegGuidedImageDataset,
+    check_distinct,
     scan_reference_layout,
     validate_records,
 )
 from medsynth.data.manifest import read_manifest
 from medsynth.errors import DataError
+
+
+def check_positive_options(least: int = 1, **options: int) -> None:
+    """Refuse a count below ``least`` (the CLI's types already do; this guards direct construction).
+
+    Raises:
+        DataError: ``data.NAME=VALUE: must be at least LEAST``.
+    """
+    for name, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise DataError(f"data.{name}={value!r}: must be an integer >= {least}")
+
+
+def check_intensity_range(intensity_range) -> None:
+    """Refuse an intensity range that is not two finite numbers, low < high (a reversed or empty one would map every
+    image to a constant).
+
+    Raises:
+        DataError: naming ``data.intensity_range`` and its value.
+    """
+    if intensity_range is None:
+        return
+    values = list(intensity_range)
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise DataError(f"data.intensity_range={values}: give two finite numbers [low, high]")
+    if not values[0] < values[1]:
+        raise DataError(f"data.intensity_range={values}: low must be below high (stored values mapped to -1 and 1)")
 
 
 class SegGuidedImageDataModule(L.LightningDataModule):
@@ -55,15 +85,15 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         seg_dir: Optional[Path] = None,
         seg_type: str = "all",
         manifest: Optional[Path] = None,
-        num_classes: int = 0,
-        image_size: int = 64,
-        channels: int = 1,
+        num_classes: NonNegativeInt = 0,
+        image_size: PositiveInt = 64,
+        channels: PositiveInt = 1,
         intensity_range: Optional[tuple[float, float]] = None,
-        batch_size: int = 8,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
         random_flip: bool = True,
-        predict_split: str = "test",
-        num_samples: int = 16,
+        predict_split: Literal["train", "val", "test", "all"] = "test",
+        num_samples: PositiveInt = 16,
         predict_images: bool = False,
     ) -> None:
         super().__init__()
@@ -71,6 +101,9 @@ class SegGuidedImageDataModule(L.LightningDataModule):
             raise DataError(f"data.num_classes={num_classes}: use 0 (unconditional) or >= 2 (counting background)")
         if image_size < 8:
             raise DataError(f"data.image_size={image_size} is too small")
+        check_positive_options(batch_size=batch_size, channels=channels, num_samples=num_samples)
+        check_positive_options(least=0, num_workers=num_workers)
+        check_intensity_range(intensity_range)
         self.save_hyperparameters()
         self.img_dir = Path(img_dir) if img_dir is not None else None
         self.seg_dir = Path(seg_dir) if seg_dir is not None else None
@@ -105,6 +138,10 @@ class SegGuidedImageDataModule(L.LightningDataModule):
             if not records:
                 raise DataError(f"{self.manifest}: empty split '{split}': no records")
             for r in records:
+                for kind, file in (("image", r.image), ("mask", r.mask)):
+                    if file is not None and not file.exists():
+                        raise DataError(f"{self.manifest}: record '{r.name}' ({split}) names {kind} {file}, which "
+                                        "does not exist")
                 if need_images and r.image is None:
                     raise DataError(f"{self.manifest}: record '{r.name}' in split '{split}' has no image")
                 if self.conditional and r.mask is None:
@@ -116,6 +153,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
             if self.conditional and seg_dir is None:
                 raise DataError(f"data.seg_dir is not set but data.num_classes={self.num_classes} asks for masks")
             records = scan_reference_layout(split, self.img_dir, seg_dir, self.seg_type, need_images=need_images)
+        check_distinct(records)
         if not need_images:
             records = [ImageRecord(r.name, r.split, None, r.mask) for r in records]
         validate_records(records, self.channels, max(self.num_classes, 1))
@@ -144,6 +182,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         if self.predict_split != "all":
             return self._dataset(self.predict_split, need_images=self.predict_images)
         records = [r for split in self._present_splits() for r in self.records(split, self.predict_images)]
+        check_distinct(records)
         return SegGuidedImageDataset(records, image_size=self.image_size, channels=self.channels,
                                      num_classes=max(self.num_classes, 1), intensity_range=self.intensity_range)
 
@@ -151,6 +190,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         if stage == "fit":
             self.datasets["train"] = self._dataset("train", random_flip=self.random_flip)
             self.datasets["val"] = self._dataset("val")
+            check_distinct(self.datasets["train"].records + self.datasets["val"].records)
         elif stage == "validate":
             self.datasets["val"] = self._dataset("val")
         elif stage == "test":

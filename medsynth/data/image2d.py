@@ -2,8 +2,8 @@
 
 The reference layout (from the segmentation-guided diffusion project) is::
 
-    IMG_DIR/{train,val,test}/NAME.png|.npy
-    SEG_DIR/<seg_type>/{train,val,test}/NAME.png|.npy      # same file name, integer classes 0..K-1
+    IMG_DIR/{train,val,test}/NAME.png|.npy|.jpg|.tif|.bmp
+    SEG_DIR/<seg_type>/{train,val,test}/NAME.png|.npy|.tif|.bmp   # same stem, lossless integer classes 0..K-1
 
 Every problem with a file is reported as one :class:`~medsynth.errors.DataError` line naming that file.
 """
@@ -17,12 +17,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from medsynth.errors import DataError
+from medsynth.io import read_image_file
 
-IMAGE_SUFFIXES = (".png", ".npy")
+IMAGE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+"""Image files read from a folder: Pillow's grey/RGB 8/16-bit formats and ``.npy`` arrays."""
+MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".bmp")
+"""Mask files read from a folder: lossless formats only (a JPEG alters labels)."""
 SPLITS = ("train", "val", "test")
 
 
@@ -43,20 +46,56 @@ class ImageRecord:
     mask: Optional[Path] = None
 
 
-def list_image_files(folder: Path) -> list[Path]:
-    """The ``.png``/``.npy`` files directly inside ``folder``, sorted by name (hidden files skipped)."""
+def list_image_files(folder: Path, what: str = "image", suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                     allow_folders: Sequence[str] = ()) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name; ``[]`` when the folder does not exist.
+
+    Nothing is skipped silently: an entry that is not a readable file with one of ``suffixes`` (another format, a
+    sub-folder, a second file of the same name with another suffix) is refused, so a run never trains on part of
+    the data. Hidden entries (``.DS_Store``, ``._x.png``) are ignored.
+
+    Args:
+        folder: the folder to list.
+        what: ``image`` or ``mask``, for messages.
+        suffixes: accepted suffixes (lower case).
+        allow_folders: names of sub-folders that may be there (e.g. ``train``, ``val``, ``test``).
+
+    Raises:
+        DataError: an unexpected entry, or two files of one name.
+    """
+    folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files, stems = [], {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.name in allow_folders and p.is_dir():
+            continue
+        if p.is_dir():
+            raise DataError(f"{p}: unexpected folder among the {what}s of {folder} (files are read from "
+                            f"{folder} itself, not from sub-folders); move it out")
+        if not suffixes:
+            raise DataError(f"{p}: unexpected file in {folder} (only its folders {', '.join(allow_folders)} are "
+                            "read); move it out")
+        if p.suffix.lower() not in suffixes:
+            lossy = " (lossy: it alters labels)" if what == "mask" and p.suffix.lower() in (".jpg", ".jpeg") else ""
+            raise DataError(f"{p}: {what} folder holds a file medsynth does not read{lossy}; {what}s must be "
+                            f"{', '.join(suffixes)}: convert it or move it out")
+        if p.stem in stems:
+            raise DataError(f"{p}: named like {stems[p.stem]} (one name, two files); keep one")
+        stems[p.stem] = p
+        files.append(p)
+    return files
 
 
 def find_partner(folder: Path, name: str) -> Optional[Path]:
-    """The file called ``name`` in ``folder``, or one with the same stem and the other accepted suffix."""
+    """The file called ``name`` in ``folder``, or one with the same stem and another accepted mask suffix."""
     exact = folder / name
     if exact.is_file():
         return exact
     stem = Path(name).stem
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in MASK_SUFFIXES:
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
@@ -76,62 +115,51 @@ def scan_reference_layout(
         need_images: when False and ``seg_dir`` is given, the masks alone define the records (sampling).
 
     Raises:
-        DataError: an image without its partner mask, or a split with no files.
+        DataError: an image without its partner mask, a mask without its image, a file of a kind that is not read,
+            or a split with no files.
     """
     mask_folder = Path(seg_dir) / seg_type / split if seg_dir is not None else None
+    masks = list_image_files(mask_folder, "mask", MASK_SUFFIXES) if mask_folder is not None else []
     if need_images or seg_dir is None:
         if img_dir is None:
             raise DataError("data.img_dir is not set: give the folder that holds train/, val/ and test/")
         folder = Path(img_dir) / split
         files = list_image_files(folder)
         if not files:
-            raise DataError(f"{folder}: empty split '{split}': no .png or .npy images found")
+            raise DataError(f"{folder}: empty split '{split}': no images found ({', '.join(IMAGE_SUFFIXES)})")
+        by_stem = {m.stem: m for m in masks}
         records = []
         for image in files:
             mask = None
             if mask_folder is not None:
-                mask = find_partner(mask_folder, image.name)
+                mask = by_stem.pop(image.stem, None)
                 if mask is None:
                     raise DataError(f"{image}: missing partner mask {mask_folder / image.name}")
             records.append(ImageRecord(name=image.name, split=split, image=image, mask=mask))
+        if by_stem:  # a mask whose image is gone would be dropped without a word
+            orphan = next(iter(by_stem.values()))
+            raise DataError(f"{orphan}: mask without its image (no {folder / orphan.stem}.* image)")
         return records
-    files = list_image_files(mask_folder)
-    if not files:
-        raise DataError(f"{mask_folder}: empty split '{split}': no .png or .npy masks found")
-    return [ImageRecord(name=m.name, split=split, mask=m) for m in files]
-
-
-def _load_array(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file does not exist")
-    try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
-        with Image.open(path) as im:
-            if im.mode == "P":  # palette PNGs store class indices directly
-                return np.asarray(im)
-            if im.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(im).astype(np.uint16)
-            return np.asarray(im)
-    except (OSError, ValueError, EOFError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+    if not masks:
+        raise DataError(f"{mask_folder}: empty split '{split}': no masks found ({', '.join(MASK_SUFFIXES)})")
+    return [ImageRecord(name=m.name, split=split, mask=m) for m in masks]
 
 
 def read_image(path: Path, channels: int) -> np.ndarray:
     """Read an image as ``(C, H, W)`` with its stored dtype.
 
-    PNG: grey (1 channel), RGB (3) or RGBA (4) via PIL. NPY: ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; the
-    expected ``channels`` decides between the last two.
+    Pillow files (grey, RGB or RGBA, 8 or 16 bits; see :func:`medsynth.io.read_image_file`) or ``.npy`` arrays
+    ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; for arrays the expected ``channels`` decides between the last two.
 
     Raises:
         DataError: unreadable file, wrong number of dimensions or channels, NaN or infinite values.
     """
     path = Path(path)
-    arr = _load_array(path, "image")
+    arr = read_image_file(path, "image")
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3:
-        if path.suffix.lower() == ".png" or (arr.shape[-1] == channels and arr.shape[0] != channels):
+        if path.suffix.lower() != ".npy" or (arr.shape[-1] == channels and arr.shape[0] != channels):
             arr = np.moveaxis(arr, -1, 0)
     else:
         raise DataError(f"{path}: image has shape {tuple(arr.shape)}; expected (H, W), (H, W, C) or (C, H, W)")
@@ -149,11 +177,14 @@ def read_image(path: Path, channels: int) -> np.ndarray:
 def read_mask(path: Path, num_classes: int) -> np.ndarray:
     """Read an integer mask as ``(H, W)`` int64 with values in ``0..num_classes-1``.
 
+    Masks are lossless label maps: PNG/TIFF/BMP with one integer channel (palette indices count) or ``.npy``.
+
     Raises:
-        DataError: unreadable file, more than one channel, non-integer values, or a label >= ``num_classes``.
+        DataError: unreadable or lossy file, more than one channel, non-integer values, or a label >=
+            ``num_classes``.
     """
     path = Path(path)
-    arr = _load_array(path, "mask")
+    arr = read_image_file(path, "mask", label_map=True)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -165,6 +196,8 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
             raise DataError(f"{path}: mask holds non-integer values; expected class indices 0..{num_classes - 1}")
     elif arr.dtype.kind not in "biu":
         raise DataError(f"{path}: mask has unsupported dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and np.abs(arr).max() > 2**31:
+        raise DataError(f"{path}: mask holds values beyond any class index")
     arr = arr.astype(np.int64)
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0:
@@ -217,6 +250,33 @@ def validate_records(records: Sequence[ImageRecord], channels: int, num_classes:
                     f"{rec.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image {rec.image} "
                     f"({image.shape[2]}x{image.shape[1]})"
                 )
+
+
+def check_distinct(records: Sequence[ImageRecord]) -> None:
+    """Refuse one file used by two records (a repeated record, or the same image in two splits: a validation or
+    test score on training data). Files are compared by identity, so links and other spellings of a path count.
+
+    Raises:
+        DataError: one line naming the file and both of its records' splits.
+    """
+    seen: dict[tuple[int, int], tuple[ImageRecord, Path]] = {}
+    for rec in records:
+        for path in (rec.image, rec.mask):
+            if path is None:
+                continue
+            try:
+                st = Path(path).stat()
+            except OSError:
+                continue  # reported as missing or unreadable by the reader
+            key = (st.st_dev, st.st_ino)
+            other, other_path = seen.get(key, (None, None))
+            if other is not None and other is not rec:
+                where = (f"twice in split '{rec.split}'" if other.split == rec.split
+                         else f"in splits '{other.split}' and '{rec.split}'")
+                same = "" if Path(other_path) == Path(path) else f" (the same file as {other_path})"
+                raise DataError(f"{path}: one file used {where}{same}; each example belongs to one record of one "
+                                "split")
+            seen[key] = (rec, path)
 
 
 def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:

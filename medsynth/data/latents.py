@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError
+from medsynth.io import check_complete, read_npy
 
 SPLITS = ("train", "val", "test")
 
@@ -36,14 +38,19 @@ def read_latent_manifest(path: str | Path) -> dict:
     if not isinstance(raw, dict) or raw.get("kind") != "medsynth latents":
         raise DataError(f"{path}: not a latent manifest (write one with `medsynth predict --config configs/encode3d.yaml`)")
     scaling, ae = raw.get("scaling") or {}, raw.get("autoencoder") or {}
-    if not {"shift", "scale"} <= set(scaling) or not float(scaling["scale"]) > 0:
+    if not isinstance(scaling, dict) or not isinstance(ae, dict):
+        raise DataError(f"{path}: latent manifest with a malformed 'scaling' or 'autoencoder' entry")
+    numbers = [scaling.get(k) for k in ("shift", "scale")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers) \
+            or not numbers[1] > 0:
         raise DataError(f"{path}: latent manifest without a valid scaling (shift, scale > 0)")
     records = raw.get("records")
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: latent manifest lists no latents")
     root = Path(os.path.abspath(path.parent))
+    check_complete(root)
     channels = ae.get("latent_channels")
-    shapes = []
+    shapes, files = [], {}
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or not isinstance(rec.get("latent"), str):
             raise DataError(f"{path}: record {i} has no 'latent' file")
@@ -56,10 +63,15 @@ def read_latent_manifest(path: str | Path) -> dict:
             raise DataError(f"{path}: record {i} path '{rec['latent']}' leaves the manifest's folder")
         if not file.is_file():
             raise DataError(f"{file}: latent file listed in {path} does not exist")
-        try:
-            shape = np.load(file, mmap_mode="r").shape
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{file}: unreadable latent ({type(exc).__name__})") from None
+        if file in files:
+            raise DataError(f"{path}: record {i} lists {rec['latent']} again (record {files[file]}); each latent "
+                            "belongs to one record")
+        files[file] = i
+        shape = read_npy(file, "latent", mmap=True).shape
+        if len(shape) < 2 or 0 in shape:
+            raise DataError(f"{file}: latent of shape {list(shape)}; expected (C, *spatial)")
+        if list(rec.get("shape", shape)) != list(shape):
+            raise DataError(f"{file}: latent of shape {list(shape)} but {path} records {rec.get('shape')}")
         if channels is not None and shape[0] != channels:
             raise DataError(f"{file}: {shape[0]} latent channels, but the manifest's autoencoder has {channels}")
         if shapes and (shape[0] != shapes[0][0] or len(shape) != len(shapes[0])):
@@ -67,7 +79,10 @@ def read_latent_manifest(path: str | Path) -> dict:
                             "dimensions")
         if rec.get("split", "train") not in SPLITS:
             raise DataError(f"{path}: record {i} has split '{rec['split']}'; expected one of {', '.join(SPLITS)}")
-        if "label" in rec and (not isinstance(rec["label"], int) or rec["label"] < 0):
+        name, shape_listed = rec.get("name", ""), rec.get("shape", [])
+        if not isinstance(name, str) or "/" in name or not isinstance(shape_listed, list):
+            raise DataError(f"{path}: record {i} has a malformed 'name' or 'shape'")
+        if "label" in rec and (not isinstance(rec["label"], int) or isinstance(rec["label"], bool) or rec["label"] < 0):
             raise DataError(f"{path}: record {i} label {rec['label']!r} is not an integer >= 0")
         rec = dict(rec, latent=str(file))
         if rec.get("mask"):
@@ -125,7 +140,7 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        z = (torch.from_numpy(np.load(rec["latent"]).astype(np.float32)) - self.shift) * self.scale
+        z = (torch.from_numpy(read_npy(rec["latent"], "latent").astype(np.float32)) - self.shift) * self.scale
         item: dict = {"index": index, "name": rec["name"]}
         mask = None
         if self.num_classes > 0:
@@ -202,20 +217,24 @@ class LatentDataModule(L.LightningDataModule):
     def __init__(
         self,
         manifest: Optional[Path] = None,
-        num_classes: int = 0,
+        num_classes: NonNegativeInt = 0,
         crop_size: Optional[int | list[int]] = None,
         val_fraction: float = 0.1,
-        batch_size: int = 4,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 4,
+        num_workers: NonNegativeInt = 2,
         flip_axes: Optional[list[int]] = None,
-        num_samples: int = 4,
-        output_shape: Optional[list[int]] = None,
+        num_samples: PositiveInt = 4,
+        output_shape: Optional[list[PositiveInt]] = None,
         spacing: Optional[list[float]] = None,
-        predict_split: str = "test",
+        predict_split: Literal["train", "val", "test"] = "test",
     ) -> None:
         super().__init__()
         if num_classes < 0 or num_classes == 1:
             raise DataError(f"data.num_classes={num_classes}: use 0 (no masks) or >= 2 (counting background)")
+        if not 0 <= val_fraction < 1:
+            raise DataError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if spacing is not None and (len(spacing) != 3 or not all(np.isfinite(v) and v > 0 for v in spacing)):
+            raise DataError(f"data.spacing={list(spacing)}: give three positive voxel sides in mm")
         self.save_hyperparameters()
         self.manifest = Path(manifest) if manifest is not None else None
         self.num_classes = num_classes

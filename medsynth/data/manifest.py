@@ -12,30 +12,40 @@ they are.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from medsynth.data.image2d import SPLITS, ImageRecord
 from medsynth.errors import DataError
+from medsynth.io import read_json
+
+RECORD_KEYS = ("image", "mask", "split", "label")
+"""Keys a 2D manifest record may have (``label`` is read by class-labelled data, ignored by mask-guided data)."""
 
 
 def load_json(path: str | Path, what: str):
-    """Parse a JSON file the user gave, or fail with one line naming it (``what``: 'manifest', 'class map')."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} does not exist")
+    """Parse a JSON file the user gave, or fail with one line naming it (``what``: 'manifest', 'class map').
+
+    Strict: a key repeated in one object is refused (see :func:`medsynth.io.read_json`)."""
+    return read_json(path, what)
+
+
+def _file_identity(path: Path):
+    """What makes two paths one file: its device and inode (links count), or ``None`` when it cannot be had."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: {what} is not valid JSON ({exc})".replace("\n", " ")) from None
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return None
 
 
 def read_manifest(path: str | Path) -> list[ImageRecord]:
     """Read and check a manifest; every record gets absolute paths.
 
     Raises:
-        DataError: missing or malformed manifest, a record without ``image``/``mask``, an unknown split.
+        DataError: missing or malformed manifest, a repeated key, a record without ``image``/``mask``, an unknown
+            key or split, a file listed twice (a repeated record, or one image in two splits). Files are not
+            read here (see ``SegGuidedImageDataModule.records``).
     """
     path = Path(path)
     raw = load_json(path, "manifest")
@@ -44,7 +54,10 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         for split, items in raw.items():
             if not isinstance(items, list):
                 raise DataError(f"{path}: manifest key '{split}' must hold a list of records")
-            entries += [dict(item, split=split) if isinstance(item, dict) else item for item in items]
+            for item in items:
+                if isinstance(item, dict) and item.get("split", split) != split:
+                    raise DataError(f"{path}: a record under '{split}' says split '{item['split']}'")
+                entries.append(dict(item, split=split) if isinstance(item, dict) else item)
     elif isinstance(raw, list):
         entries = raw
     else:
@@ -52,8 +65,8 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
     root = Path(os.path.abspath(path.parent))
 
     def resolve(rel, i: int) -> Path:
-        if not isinstance(rel, str):
-            raise DataError(f"{path}: record {i} path {rel!r} is not a string")
+        if not isinstance(rel, str) or not rel:
+            raise DataError(f"{path}: record {i} path {rel!r} is not a non-empty string")
         p = Path(rel)
         if p.is_absolute():
             return p
@@ -62,17 +75,30 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
             raise DataError(f"{path}: record {i} path '{rel}' leaves the manifest's folder; use an absolute path")
         return full
 
-    records = []
+    records, seen = [], {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise DataError(f"{path}: record {i} is not an object")
+        unknown = sorted(set(entry) - set(RECORD_KEYS))
+        if unknown:
+            raise DataError(f"{path}: record {i} has unknown key '{unknown[0]}' (expected {', '.join(RECORD_KEYS)})")
         split = entry.get("split", "train")
         if split not in SPLITS:
             raise DataError(f"{path}: record {i} has split '{split}'; expected one of {', '.join(SPLITS)}")
-        image = resolve(entry["image"], i) if entry.get("image") else None
-        mask = resolve(entry["mask"], i) if entry.get("mask") else None
+        image = resolve(entry["image"], i) if entry.get("image") is not None else None
+        mask = resolve(entry["mask"], i) if entry.get("mask") is not None else None
         if image is None and mask is None:
             raise DataError(f"{path}: record {i} names neither 'image' nor 'mask'")
+        for file in (image, mask):
+            if file is None:
+                continue
+            key = _file_identity(file)
+            if key is not None and key in seen:
+                j, other_split = seen[key]
+                where = "again" if other_split == split else f"in split '{split}' and record {j} in '{other_split}'"
+                raise DataError(f"{path}: record {i} lists {file} {where}" + (f" (record {j})" if where == "again"
+                                else "") + "; each file belongs to one record of one split")
+            seen[key] = (i, split)
         name = (image or mask).name
         records.append(ImageRecord(name=name, split=split, image=image, mask=mask))
     return records

@@ -8,6 +8,7 @@ from typing import Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medsynth.data.datamodules import SegGuidedImageDataModule
@@ -75,9 +76,9 @@ class GeneratedMaskDataModule(L.LightningDataModule):
     def __init__(
         self,
         mask_checkpoint: Optional[Path] = None,
-        num_samples: int = 16,
-        image_channels: int = 1,
-        batch_size: int = 8,
+        num_samples: PositiveInt = 16,
+        image_channels: PositiveInt = 1,
+        batch_size: PositiveInt = 8,
         seed: int = 0,
         device: str = "auto",
     ) -> None:

@@ -4,18 +4,19 @@ classifier)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
+from medsynth.data.datamodules import check_intensity_range
 from medsynth.data.image2d import read_mask, resize_image, resize_mask
 from medsynth.errors import DataError
-from medsynth.io import save_json
+from medsynth.io import check_complete, read_json, read_npy, save_json
 
 
 class _SamplePairs(Dataset):
@@ -27,17 +28,22 @@ class _SamplePairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample, mask = self.pairs[index]
-        x = resize_image(torch.from_numpy(np.load(sample).astype(np.float32)), self.image_size)
+        x = resize_image(torch.from_numpy(read_sample(sample)), self.image_size)
         m = resize_mask(torch.from_numpy(read_mask(mask, self.num_classes)), self.image_size)
         return {"image": x, "mask": m, "name": sample.name, "index": index}
 
 
 def _sample_shape(path: Path) -> tuple[int, ...]:
     """The stored shape of a sample ``.npy`` (read from its header only)."""
-    try:
-        return tuple(np.load(path, mmap_mode="r").shape)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable sample ({exc})") from None
+    return tuple(read_npy(path, "sample", mmap=True).shape)
+
+
+def read_sample(path: Path) -> np.ndarray:
+    """A sample ``.npy`` as float32 ``(C, H, W)``, checked finite."""
+    x = read_npy(path, "sample")
+    if x.dtype.kind not in "biuf" or not np.isfinite(x).all():
+        raise DataError(f"{path}: sample holds non-numeric, NaN or infinite values")
+    return x.astype(np.float32)
 
 
 class _LabelledSamples(Dataset):
@@ -51,7 +57,7 @@ class _LabelledSamples(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample, label = self.items[index]
-        x = resize_image(torch.from_numpy(np.load(sample).astype(np.float32)), self.image_size)
+        x = resize_image(torch.from_numpy(read_sample(sample)), self.image_size)
         return {"image": x, "label": label, "name": f"{sample.parent.name}/{sample.name}", "index": index}
 
 
@@ -87,8 +93,8 @@ class SampleDirDataModule(L.LightningDataModule):
     def __init__(
         self,
         samples_dir: Optional[Path] = None,
-        image_size: Optional[int] = None,
-        batch_size: int = 16,
+        image_size: Optional[PositiveInt] = None,
+        batch_size: PositiveInt = 16,
         overwrite: bool = False,
         features: Optional[Path] = None,
         real_dir: Optional[Path] = None,
@@ -99,6 +105,7 @@ class SampleDirDataModule(L.LightningDataModule):
             raise DataError("data.samples_dir is not set: give a `medsynth predict` output folder")
         self.features = Path(features) if features is not None else None
         self.real_dir = Path(real_dir) if real_dir is not None else None
+        check_intensity_range(intensity_range)
         self.intensity_range = intensity_range
         if self.features is not None and not self.features.is_file():
             raise DataError(f"{self.features}: FID/KID feature network does not exist (it is never downloaded; "
@@ -110,12 +117,14 @@ class SampleDirDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.samples_dir = Path(samples_dir)
         meta_path = self.samples_dir / "metadata.json"
+        if not self.samples_dir.is_dir():
+            raise DataError(f"{self.samples_dir}: sample folder (data.samples_dir) does not exist")
+        check_complete(self.samples_dir)
         if not meta_path.is_file():
             raise DataError(f"{self.samples_dir}: no metadata.json; not a `medsynth predict` output folder")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{meta_path}: unreadable metadata ({exc})") from None
+        meta = read_json(meta_path, "metadata")
+        if not isinstance(meta, dict):
+            raise DataError(f"{meta_path}: metadata is not a JSON object")
         data = ((meta.get("config") or {}).get("data") or {}).get("init_args") or {}
         model = ((meta.get("config") or {}).get("model") or {}).get("init_args") or {}
         self.num_classes = int(data.get("num_classes") or model.get("num_classes") or 0)
@@ -184,7 +193,7 @@ class SampleDirDataModule(L.LightningDataModule):
             mask = self.samples_dir / "masks" / f"{sample.stem}.png"
             if not mask.is_file():
                 raise DataError(f"{sample}: no conditioning mask {mask}")
-            shape = np.load(sample, mmap_mode="r").shape
+            shape = _sample_shape(sample)
             m = read_mask(mask, self.num_classes)
             if tuple(shape[-2:]) != tuple(m.shape):
                 raise DataError(f"{mask}: mask size {m.shape[1]}x{m.shape[0]} differs from its sample {sample} "

@@ -19,26 +19,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
-import zlib
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import lightning as L
-import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 from torchio.transforms.augmentation import RandomTransform
 
 from medsynth.data.image2d import SPLITS
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError, MedsynthError
+from medsynth.io import read_nifti
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 RECORD_KEYS = ("image", "label", "split")
@@ -99,16 +96,23 @@ def _folder_records(manifest: Path, raw: dict) -> list[VolumeRecord]:
     """Records of the 3D MedDiffusion map ``{"name": "dir"}`` or class map ``{"0": "dir", "1": ...}``."""
     if not raw or not all(isinstance(v, str) for v in raw.values()):
         raise DataError(f"{manifest}: manifest object must map names or labels to folders of .nii/.nii.gz files")
-    labelled = all(k.isdigit() for k in raw)
-    if labelled:
-        labels = sorted(int(k) for k in raw)
-        if labels != list(range(len(labels))):
-            raise DataError(f"{manifest}: class labels {labels} must be 0..{len(labels) - 1}")
-    records = []
+    numeric = [k for k in raw if k.strip().lstrip("+-").isdigit()]
+    labelled = bool(numeric)
+    if labelled and len(numeric) < len(raw):
+        raise DataError(f"{manifest}: keys mix labels ('{numeric[0]}') and names; use labels 0..N-1 or names only")
+    if labelled and sorted(raw, key=lambda k: (len(k), k)) != [str(i) for i in range(len(raw))]:
+        raise DataError(f"{manifest}: class labels {sorted(raw, key=lambda k: (len(k), k))} must be 0..{len(raw) - 1}, "
+                        "each once, written plainly")
+    records, folders = [], {}
     for key, rel in raw.items():
         folder = _resolve(manifest, rel, f"'{key}'")
         if not folder.is_dir():
             raise DataError(f"{manifest}: '{key}' names a missing folder {folder}")
+        real = os.path.realpath(folder)
+        if real in folders:
+            raise DataError(f"{manifest}: '{folders[real]}' and '{key}' name the same folder {folder}; each key needs "
+                            "its own")
+        folders[real] = key
         files = list_volume_files(folder)
         if not files:
             raise DataError(f"{manifest}: folder {folder} ('{key}') holds no .nii or .nii.gz volumes")
@@ -233,19 +237,7 @@ def read_volume(path: Union[str, Path], channels: int = 1) -> tuple[np.ndarray, 
             count, an empty axis, NaN or infinite intensities.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: volume does not exist")
-    try:
-        img = nib.load(path)
-        if 0 in img.shape:
-            raise DataError(f"{path}: volume {_shape_str(img.shape)} has an empty axis")
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except DataError:
-        raise
-    except (OSError, EOFError, ValueError, TypeError, zlib.error, struct.error, ImageFileError,
-            HeaderDataError) as exc:
-        raise DataError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+    data, affine = read_nifti(path, "volume")
     shape = data.shape
     if data.ndim == 5 and shape[3] == 1:  # NIfTI keeps vector (channel) data on the 5th axis
         data = data[:, :, :, 0]
@@ -542,17 +534,17 @@ class VolumeDataModule(L.LightningDataModule):
     def __init__(
         self,
         manifest: Optional[Path] = None,
-        patch_size: int = 64,
-        channels: int = 1,
+        patch_size: PositiveInt = 64,
+        channels: PositiveInt = 1,
         normalization: Literal["mri", "ct"] = "mri",
         percentiles: tuple[float, float] = (0.5, 99.5),
         ct_window: tuple[float, float] = (-1000.0, 1000.0),
         val_fraction: float = 0.2,
-        samples_per_volume: int = 8,
-        queue_length: int = 64,
-        val_patches_per_volume: int = 4,
-        batch_size: int = 2,
-        num_workers: int = 2,
+        samples_per_volume: PositiveInt = 8,
+        queue_length: PositiveInt = 64,
+        val_patches_per_volume: PositiveInt = 4,
+        batch_size: PositiveInt = 2,
+        num_workers: NonNegativeInt = 2,
         random_flip: bool = True,
         random_rot90: bool = True,
         predict_split: Literal["all", "train", "val", "test"] = "all",
@@ -566,6 +558,10 @@ class VolumeDataModule(L.LightningDataModule):
                 raise DataError(f"data.{arg}={value}: must be at least {least}")
         if not 0 <= val_fraction < 1:
             raise DataError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise DataError(f"data.percentiles={list(percentiles)}: need 0 <= low < high <= 100")
+        if not ct_window[0] < ct_window[1]:
+            raise DataError(f"data.ct_window={list(ct_window)}: low must be below high")
         if predict_split not in ("all", *SPLITS):
             raise DataError(f"data.predict_split={predict_split!r}: expected all, {', '.join(SPLITS)}")
         self.save_hyperparameters()
