@@ -2,6 +2,7 @@
 PYTHON        ?= python3
 VENV          ?= .venv
 TORCH_VERSION ?= 2.13.0
+NILEARN       ?= nilearn>=0.10
 BIN           := $(VENV)/bin
 PY            := $(BIN)/python
 STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
@@ -34,9 +35,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "$(NILEARN)"  # the demo's template files only, without pandas and scikit-learn
 	touch $@
 
-install: $(STAMP) ## create .venv: torch $(TORCH_VERSION) first, then medsynth and its dependencies
+install: $(STAMP) ## create .venv: torch $(TORCH_VERSION) first, then medsynth, its dependencies and the demo's files
 
 demo: install ## train on the shipped MNI152 brain slices (CPU, ~10 min), then sample to runs/demo/predictions
 	$(BIN)/medsynth fit $(DEMO_CONFIG) $(if $(wildcard $(DEMO_CKPT)),--ckpt_path $(DEMO_CKPT)) $(ARGS)

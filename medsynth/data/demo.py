@@ -36,12 +36,17 @@ def default_cache_dir() -> Path:
 
 
 def mni152_files() -> dict[str, Path]:
-    """Paths of the T1, GM and WM volumes inside the installed nilearn package."""
-    try:
-        import nilearn
-    except ImportError:
-        raise DataError("the demo data needs nilearn: pip install nilearn") from None
-    data = Path(nilearn.__file__).parent / "datasets" / "data"
+    """Paths of the T1, GM and WM volumes inside the installed nilearn package.
+
+    The package is located, never imported: ``make install`` installs nilearn without its dependencies (pandas,
+    scikit-learn), which importing it would need.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the demo data needs nilearn's template files: pip install --no-deps nilearn")
+    data = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
     files = {k: data / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
     for f in files.values():
         if not f.is_file():
