@@ -474,11 +474,17 @@ class MedsynthCLI(LightningCLI):
             return
         init = data["init_args"]
         _, model_args = checkpoint_model_config(ckpt_path)
+        replaced = []
         for k in MODEL_DESCRIBING_DATA_ARGS:  # also across data classes (e.g. the 3D demo's model on user volumes)
             if k == "num_classes" and "num_classes" not in model_args:
                 continue  # a model blind to masks (an autoencoder) leaves the class count to the command line
             if k in saved and k in init:
+                if init[k] is not None and _plain(init[k]) != _plain(saved[k]):
+                    replaced.append(f"data.{k}={_short(_plain(init[k]))} (checkpoint: {_short(_plain(saved[k]))})")
                 init[k] = saved[k]
+        if replaced:  # never silently
+            log.warning(f"{sub} uses the data settings the model was trained with ({ckpt_path}); not applied: "
+                        + ", ".join(replaced))
         if saved.get("_class_path") != data.get("class_path"):
             return
         for k in DATA_LOCATION_ARGS:

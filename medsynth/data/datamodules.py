@@ -156,7 +156,7 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         check_distinct(records)
         if not need_images:
             records = [ImageRecord(r.name, r.split, None, r.mask) for r in records]
-        validate_records(records, self.channels, max(self.num_classes, 1))
+        validate_records(records, self.channels, max(self.num_classes, 1), self.intensity_range)
         return records
 
     def _dataset(self, split: str, need_images: bool = True, random_flip: bool = False) -> SegGuidedImageDataset:

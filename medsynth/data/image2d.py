@@ -232,17 +232,24 @@ def to_unit_range(arr: np.ndarray, intensity_range: Optional[Sequence[float]] = 
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0
 
 
-def validate_records(records: Sequence[ImageRecord], channels: int, num_classes: int) -> None:
+def validate_records(records: Sequence[ImageRecord], channels: int, num_classes: int,
+                     intensity_range: Optional[Sequence[float]] = None) -> None:
     """Read every file once and check it against the configuration, failing on the first problem.
 
     Checks: each file readable; image channel count; mask single-channel, integer and below ``num_classes``;
-    image and mask of equal size; no NaN intensities.
+    image and mask of equal size; no NaN intensities; no image whose every value lies outside ``intensity_range``
+    (it would train as a constant image).
 
     Raises:
         DataError: one line naming the file and the problem.
     """
     for rec in records:
         image = read_image(rec.image, channels) if rec.image is not None else None
+        if image is not None and intensity_range is not None and image.size:
+            lo, hi = float(intensity_range[0]), float(intensity_range[1])
+            if image.max() < lo or image.min() > hi:
+                raise DataError(f"{rec.image}: every value ({image.min()}..{image.max()}) lies outside "
+                                f"data.intensity_range [{lo:g}, {hi:g}], so it would train as a constant image")
         if rec.mask is not None:
             mask = read_mask(rec.mask, num_classes)
             if image is not None and tuple(image.shape[1:]) != tuple(mask.shape):

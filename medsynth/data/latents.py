@@ -140,7 +140,10 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        z = (torch.from_numpy(read_npy(rec["latent"], "latent").astype(np.float32)) - self.shift) * self.scale
+        raw = read_npy(rec["latent"], "latent")
+        if raw.dtype.kind not in "biuf" or not np.isfinite(raw).all():
+            raise DataError(f"{rec['latent']}: latent holds non-numeric, NaN or infinite values")
+        z = (torch.from_numpy(raw.astype(np.float32)) - self.shift) * self.scale
         item: dict = {"index": index, "name": rec["name"]}
         mask = None
         if self.num_classes > 0:

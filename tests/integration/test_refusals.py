@@ -282,6 +282,7 @@ CATALOGUE_2D = [
     option("--data.image_size", "15", "data.image_size=15"), option("--data.intensity_range", "[255, 0]",
                                                                     "data.intensity_range=[255.0, 0.0]"),
     option("--data.intensity_range", "[0, .nan]", "data.intensity_range"),
+    option("--data.intensity_range", "[1000, 2000]", "lies outside data.intensity_range [1000, 2000]"),
     option("--data.num_samples", "-1", "num_samples"), option("--data.channels", "0", "channels"),
     option("--model.sampler.init_args.num_inference_steps", "5000", "num_inference_steps=5000"),
     run_folder_is_a_file, predict_split_unknown,
