@@ -118,6 +118,10 @@ def main() -> None:
     p.add_argument("--rf-ckpt", type=Path, help="a rectified-flow demo model")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--segmenter", type=Path, help="a SegmenterModule checkpoint: also report its Dice (the judge)")
+    p.add_argument("--img-dir", type=Path, help="another dataset than the demo (reference layout): its test split")
+    p.add_argument("--seg-dir", type=Path, help="its masks (SEG_DIR/all/test)")
+    p.add_argument("--num-classes", type=int, default=3, help="its classes, background counted")
+    p.add_argument("--image-size", type=int, default=64, help="its image side (as the models were trained)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--analytic", action="store_true", help="the exact-ODE error table instead (no models needed)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/sampler_speed[_analytic].json)")
@@ -129,11 +133,22 @@ def main() -> None:
         p.error("give --ddim-ckpt and/or --rf-ckpt (or --analytic)")
     args.out = args.out or "benchmarks/results/sampler_speed.json"
 
-    dm = MNI152SliceDataModule(image_size=64, num_workers=0, random_flip=False)
-    dm.setup("fit")
-    dm.setup("test")
-    lo, hi = fit_thresholds(*split_arrays(dm.datasets["train"])[:2])
+    if args.img_dir:  # the intensity segmenter fits the demo's three classes only: the judge alone scores
+        from medsynth.data import SegGuidedImageDataModule
+
+        dm = SegGuidedImageDataModule(args.img_dir, args.seg_dir, num_classes=args.num_classes,
+                                      image_size=args.image_size, num_workers=0, random_flip=False)
+        dm.setup("test")
+        lo = hi = None
+    else:
+        dm = MNI152SliceDataModule(image_size=args.image_size, num_workers=0, random_flip=False)
+        dm.setup("fit")
+        dm.setup("test")
+        lo, hi = fit_thresholds(*split_arrays(dm.datasets["train"])[:2])
     te_img, te_mask, _ = split_arrays(dm.datasets["test"])
+
+    def intensity_dice(images) -> float:
+        return round(mean_dice(images, te_mask, lo, hi), 3) if lo is not None else float("nan")
     masks = torch.from_numpy(np.stack(te_mask))
 
     settings = []
@@ -159,7 +174,7 @@ def main() -> None:
     for name, model_name, steps, model, sampler in settings:
         sec, nfe, samples = run(model, sampler, masks, args.repeats)
         rows.append({"sampler": name, "model": model_name, "steps": steps, "nfe": nfe, "s_per_image": round(sec, 4),
-                     "dice": round(mean_dice(samples, te_mask, lo, hi), 3), "segmenter_dice": judged(samples)})
+                     "dice": intensity_dice(samples), "segmenter_dice": judged(samples)})
         print(rows[-1], flush=True)
     # the reference: DDIM-50 on the DDPM model, else Euler at the most steps on the flow model
     ref = next((r for r in rows if r["sampler"] == "DDIM" and r["steps"] == 50), None) or next(
@@ -169,12 +184,12 @@ def main() -> None:
         r["delta_ref"] = round(r["dice"] - ref["dice"], 3) if ref else None
         r["segmenter_delta_ref"] = round(r["segmenter_dice"] - ref["segmenter_dice"], 3) if ref and judge else None
     rows.append({"sampler": "real test slices", "model": "-", "steps": 0, "nfe": 0, "s_per_image": 0.0,
-                 "dice": round(mean_dice(te_img, te_mask, lo, hi), 3), "segmenter_dice": judged(te_img),
+                 "dice": intensity_dice(te_img), "segmenter_dice": judged(te_img),
                  "delta_ref": None, "segmenter_delta_ref": None})
     print(f"{'sampler':24s} {'model':15s} {'steps':>5s} {'NFE':>4s} {'s/image':>8s} {'Dice':>6s} {'Δ ' + ref_name:>10s} "
           f"{'seg. Dice':>9s} {'seg. Δ':>7s}")
     for r in rows:
-        delta = "" if r["delta_ref"] is None else f"{r['delta_ref']:+.3f}"
+        delta = "" if r["delta_ref"] is None or r["delta_ref"] != r["delta_ref"] else f"{r['delta_ref']:+.3f}"
         sdelta = "" if r["segmenter_delta_ref"] is None else f"{r['segmenter_delta_ref']:+.3f}"
         print(f"{r['sampler']:24s} {r['model']:15s} {r['steps']:>5d} {r['nfe']:>4d} {r['s_per_image']:>8.3f} "
               f"{r['dice']:>6.3f} {delta:>10s} {r['segmenter_dice']:>9} {sdelta:>7s}")

@@ -662,17 +662,23 @@ def test_two_claims_of_one_output_folder_cannot_both_pass(tmp_path):
     in one line, also with --overwrite while the first is alive."""
     import subprocess
     import sys
+    import time
 
-    out = tmp_path / "out"
-    code = ("import sys, time\n"
+    out, go = tmp_path / "out", tmp_path / "go"
+    code = ("import pathlib, sys, time\n"
             "from medsynth.errors import MedsynthError\n"
             "from medsynth.io import claim_output_dir\n"
             "try:\n"
             f"    claim_output_dir({str(out)!r}, overwrite=True)\n"
             "except MedsynthError as exc:\n"
             "    print(exc, file=sys.stderr); sys.exit(2)\n"
-            "time.sleep(10)\n")
+            f"while not pathlib.Path({str(go)!r}).exists():  # the winner stays alive until the others are done\n"
+            "    time.sleep(0.05)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    deadline = time.monotonic() + 120
+    while sum(p.poll() is not None for p in procs) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
     results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2, 2, 2], results
     assert all("another medsynth run" in err and str(out) in err for rc, err in results if rc == 2)
