@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsynth.data.demo import PLANE_AXIS, _square, mni152_files, mni152_volumes
+from medsynth.data.demo import PLANE_AXIS, _square, mni152_maps, mni152_volumes
 from medsynth.io import save_json, save_png
 
 SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd")
@@ -39,14 +39,7 @@ CLASS_DATASETS = ("planes3_t2", "contrast3")
 
 def tissue_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """T1, brain mask, GM and WM probability maps (0..1) of the template."""
-    import nibabel as nib
-
-    files = mni152_files()
-    t1 = np.asarray(nib.load(files["t1"]).dataobj, dtype=np.float32)
-    gm = np.asarray(nib.load(files["gm"]).dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(files["wm"]).dataobj, dtype=np.float32)
-    if gm.max() > 1.5:
-        gm, wm = gm / 255.0, wm / 255.0
+    t1, gm, wm = mni152_maps()
     return t1, t1 > 0, gm, wm
 
 

@@ -54,20 +54,24 @@ def mni152_files() -> dict[str, Path]:
     return files
 
 
-def mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
-    """The T1 volume (float32) and its tissue labels (0 background, 1 grey matter, 2 white matter).
-
-    The tissue maps are divided by 255 (they are stored as 0..255); a voxel takes the larger tissue probability
-    when that exceeds 0.5 inside the brain (T1 > 0), else background.
-    """
+def mni152_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The T1 volume and the grey- and white-matter probability maps (float32; the maps divided by 255, as they
+    are stored as 0..255)."""
     import nibabel as nib
 
     files = mni152_files()
-    t1 = np.asarray(nib.load(files["t1"]).dataobj, dtype=np.float32)
-    gm = np.asarray(nib.load(files["gm"]).dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(files["wm"]).dataobj, dtype=np.float32)
+    t1, gm, wm = (np.asarray(nib.load(files[k]).dataobj, dtype=np.float32) for k in ("t1", "gm", "wm"))
     if gm.max() > 1.5:
         gm, wm = gm / 255.0, wm / 255.0
+    return t1, gm, wm
+
+
+def mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
+    """The T1 volume (float32) and its tissue labels (0 background, 1 grey matter, 2 white matter).
+
+    A voxel takes the larger tissue probability when that exceeds 0.5 inside the brain (T1 > 0), else background.
+    """
+    t1, gm, wm = mni152_maps()
     brain = t1 > 0
     labels = np.zeros(t1.shape, dtype=np.uint8)
     labels[brain & (gm > 0.5) & (gm >= wm)] = 1
