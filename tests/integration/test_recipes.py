@@ -37,7 +37,7 @@ def test_seg2d_quick_trains_with_its_own_objective_ema_and_sampler(seg_dataset, 
     assert len(list((run_dir / "samples").glob("*.png"))) == 2  # a preview at each step-based validation (3, 6)
     assert run("predict", *args, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["sampler"]["class"] == "EulerSampler" and meta["sampler"]["num_inference_steps"] == 25
+    assert meta["sampler"]["class"] == "DPMSolverSampler" and meta["sampler"]["num_inference_steps"] == 10
     assert len(list((out / "samples").glob("*.npy"))) == len(list((seg_dir / "all" / "test").iterdir()))
 
 
