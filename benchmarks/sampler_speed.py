@@ -32,7 +32,7 @@ from demo_faithfulness import fit_thresholds, mean_dice, split_arrays
 
 from medsynth.data.demo import MNI152SliceDataModule
 from medsynth.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, HeunSampler, UniPCSampler
-from medsynth.modules.loading import load_module
+from medsynth.loading import load_module
 
 DDPM_SAMPLERS = (("DDIM", DDIMSampler), ("DPM-Solver++ 2M", DPMSolverSampler), ("UniPC", UniPCSampler))
 FLOW_SAMPLERS = (("Euler", EulerSampler), ("Heun", HeunSampler), ("DPM-Solver++ 2M (flow)", DPMSolverSampler),

@@ -41,6 +41,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveragi
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from medsynth.callbacks.writers import SampleWriter
+from medsynth.contracts import (
+    ChecksFitInputs,
+    ChecksPredictInputs,
+    ChecksSpatialShape,
+    DescribesData,
+    WritesPredictions,
+)
 from medsynth.errors import MedsynthError
 from medsynth.io import (
     abandon_output_dir,
@@ -51,8 +58,8 @@ from medsynth.io import (
     save_json,
     write_error,
 )
+from medsynth.loading import check_checkpoint, check_weights_fit, checkpoint_model_config
 from medsynth.modules.checks import check_denoiser_shape
-from medsynth.modules.loading import check_checkpoint, check_weights_fit, checkpoint_model_config
 
 log = logging.getLogger("medsynth.cli")
 
@@ -218,8 +225,9 @@ class MedsynthTrainer(Trainer):
             model.sample_seed = seed
         self.predict_output_dir = Path(output_dir)
         meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
-        writer = getattr(model, "prediction_writer", None)
-        self.callbacks.append(writer(output_dir, meta) if writer else SampleWriter(output_dir, metadata=meta))
+        writer = (model.prediction_writer(output_dir, meta) if isinstance(model, WritesPredictions)
+                  else SampleWriter(output_dir, metadata=meta))
+        self.callbacks.append(writer)
         # one process claims the folder (DDP's other ranks start after the claim and write into it)
         claim = claim_output_dir(output_dir, overwrite, "medsynth predict") if rank_zero_only.rank == 0 else None
         try:
@@ -366,7 +374,7 @@ def _builtin(value):
 
 def _model_arg(name: str):
     def get(data):
-        args = data.model_args() if hasattr(data, "model_args") else {}
+        args = data.model_args() if isinstance(data, DescribesData) else {}
         return _builtin(args.get(name, MODEL_ARG_DEFAULTS[name]))
 
     get.__name__ = f"data_{name}"
@@ -628,13 +636,10 @@ class MedsynthCLI(LightningCLI):
             _set_up_early(self.datamodule, stage)
         if stage == "fit":
             # inputs a model reads only when training starts (e.g. a stage-1 checkpoint), shapes the net cannot take
-            check = getattr(self.model, "check_fit_inputs", None)
-            if check is not None:
-                check(self.datamodule)
-        if stage == "predict":
-            check = getattr(self.model, "check_predict_inputs", None)
-            if check is not None:
-                check()
+            if isinstance(self.model, ChecksFitInputs):
+                self.model.check_fit_inputs(self.datamodule)
+        if stage == "predict" and isinstance(self.model, ChecksPredictInputs):
+            self.model.check_predict_inputs()
         if stage in ("fit", "predict"):
             self._check_net_shapes(stage)
         self.trainer.callbacks.append(ReleaseHeldOutput(self.held))
@@ -643,7 +648,7 @@ class MedsynthCLI(LightningCLI):
         """A diffusion model's net must take the shapes it will be given (e.g. an image side its downsampling
         divides); nets that check their own shapes (``check_spatial_shape``) are left to the model's checks."""
         model = self.model
-        if not hasattr(model, "denoise") or hasattr(getattr(model, "net", None), "check_spatial_shape"):
+        if not hasattr(model, "denoise") or isinstance(getattr(model, "net", None), ChecksSpatialShape):
             return
         shapes = getattr(self.datamodule, "training_shapes", None) if stage == "fit" else None
         if shapes is not None:

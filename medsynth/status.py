@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from medsynth.io import save_png
+
 Series = dict[str, list[tuple[float, float]]]
 """Metric name -> ``(step, value)`` points."""
 
@@ -194,8 +196,6 @@ def curves_picture(series: Series, title: str = "", width: int = 720) -> np.ndar
 
 def write_curves(run: Path) -> Optional[Path]:
     """Write ``RUN/curves.png`` from the run's local logs; ``None`` when it has none."""
-    from medsynth.io import save_png
-
     series, source = read_metrics(run)
     if not series:
         return None

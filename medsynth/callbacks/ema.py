@@ -6,7 +6,6 @@ import itertools
 from typing import Optional
 
 import torch
-
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 

@@ -14,20 +14,18 @@ Two layouts, each giving class names in label order:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from medsynth.data.base import SPLITS, MedsynthDataModule, split_by_name
 from medsynth.data.datamodules import check_intensity_range, check_positive_options
 from medsynth.data.image2d import (
-    SPLITS,
     ImageRecord,
     check_distinct,
     list_image_files,
@@ -89,9 +87,8 @@ def read_class_map(path: Path) -> tuple[list[str], list[Path]]:
     return names, folders
 
 
-def _split_of(file: Path) -> str:
-    """A stable 90/10 train/val assignment from the file name alone."""
-    return "val" if int(hashlib.sha1(file.name.encode()).hexdigest(), 16) % 10 == 0 else "train"
+VAL_FRACTION = 0.1
+"""Share of a class-map folder without split subfolders that validates (chosen by file name)."""
 
 
 def class_map_files(folder: Path, split: str) -> list[Path]:
@@ -103,7 +100,7 @@ def class_map_files(folder: Path, split: str) -> list[Path]:
     if (folder / "train").is_dir():
         list_image_files(folder, suffixes=(), allow_folders=SPLITS)  # nothing loose beside train/ val/ test/
         return list_image_files(folder / split)
-    return [f for f in list_image_files(folder) if _split_of(f) == split] if split != "test" else []
+    return [f for f in list_image_files(folder) if split_by_name(f.name, VAL_FRACTION) == split] if split != "test" else []
 
 
 class LabelledImageDataset(Dataset):
@@ -141,7 +138,7 @@ class ClassSampleDataset(Dataset):
         return {"label": label, "index": index, "name": f"sample_{i:05d}.png", "folder": self.class_names[label]}
 
 
-class ClassImageDataModule(L.LightningDataModule):
+class ClassImageDataModule(MedsynthDataModule):
     """2D images with class labels (modality, body region, pathology, ...), for class-conditional models.
 
     Args:
@@ -186,7 +183,6 @@ class ClassImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
         self.samples_per_class, self.predict_images = samples_per_class, predict_images
         self.class_names, self.folders = self._classes()
-        self.datasets: dict[str, Dataset] = {}
 
     def model_args(self) -> dict:
         """What the model must know about this data (linked into the model's arguments by the CLI)."""
@@ -226,22 +222,17 @@ class ClassImageDataModule(L.LightningDataModule):
         check_distinct([rec for rec, _ in items])  # one image in two classes
         return items
 
-    def _dataset(self, split: str, random_flip: bool = False) -> LabelledImageDataset:
-        return LabelledImageDataset(self._items(split), self.image_size, self.channels, random_flip,
-                                    self.intensity_range)
+    def dataset(self, split: str) -> Dataset:
+        if split == "predict":
+            return (self._real_images() if self.predict_images
+                    else ClassSampleDataset(self.class_names, self.samples_per_class))
+        # test: the judge's real-image ceiling, which needs test/ folders
+        return LabelledImageDataset(self._items(split), self.image_size, self.channels,
+                                    self.random_flip and split == "train", self.intensity_range)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._dataset("train", self.random_flip)
-            self.datasets["val"] = self._dataset("val")
+    def check_stage(self, stage: str) -> None:
+        if stage == "fit":  # one image in both splits
             check_distinct([rec for ds in (self.datasets["train"], self.datasets["val"]) for rec, _ in ds.items])
-        elif stage == "validate":
-            self.datasets["val"] = self._dataset("val")
-        elif stage == "test":  # the judge's real-image ceiling: needs test/ folders
-            self.datasets["test"] = self._dataset("test")
-        elif stage == "predict":
-            self.datasets["predict"] = (self._real_images() if self.predict_images
-                                        else ClassSampleDataset(self.class_names, self.samples_per_class))
 
     def _real_images(self) -> LabelledImageDataset:
         """Every real image of every split, labelled and named ``<class>_<split>_<stem>`` (for encoding)."""
@@ -257,21 +248,3 @@ class ClassImageDataModule(L.LightningDataModule):
                 seen[name] = rec.image
                 items.append((ImageRecord(f"{name}{Path(rec.image).suffix}", split, rec.image), label))
         return LabelledImageDataset(items, self.image_size, self.channels, False, self.intensity_range)
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        ds = self.datasets[split]
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle and len(ds) > self.batch_size,
-                          persistent_workers=self.num_workers > 0 and split != "predict")
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

@@ -6,12 +6,11 @@ import math
 from pathlib import Path
 from typing import Literal, Optional
 
-import lightning as L
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
+from medsynth.data.base import SPLITS, MedsynthDataModule
 from medsynth.data.image2d import (
-    SPLITS,
     ImageRecord,
     IndexDataset,
     SegGuidedImageDataset,
@@ -50,7 +49,7 @@ def check_intensity_range(intensity_range) -> None:
         raise DataError(f"data.intensity_range={values}: low must be below high (stored values mapped to -1 and 1)")
 
 
-class SegGuidedImageDataModule(L.LightningDataModule):
+class SegGuidedImageDataModule(MedsynthDataModule):
     """2D images with integer segmentation masks (or none, for unconditional models).
 
     Data comes either from the reference folder layout (``img_dir`` + ``seg_dir``) or from a JSON ``manifest``.
@@ -119,7 +118,6 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         self.predict_split = predict_split
         self.num_samples = num_samples
         self.predict_images = predict_images
-        self.datasets: dict[str, object] = {}
 
     def model_args(self) -> dict:
         """What the model must know about this data (linked into the model's arguments by the CLI)."""
@@ -186,46 +184,18 @@ class SegGuidedImageDataModule(L.LightningDataModule):
         return SegGuidedImageDataset(records, image_size=self.image_size, channels=self.channels,
                                      num_classes=max(self.num_classes, 1), intensity_range=self.intensity_range)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._dataset("train", random_flip=self.random_flip)
-            self.datasets["val"] = self._dataset("val")
+    def dataset(self, split: str) -> Dataset:
+        if split != "predict":
+            return self._dataset(split, random_flip=self.random_flip and split == "train")
+        if not (self.conditional or self.predict_images):
+            return IndexDataset(self.num_samples)
+        ds = self._predict_dataset()
+        stems = [Path(r.name).stem for r in ds.records]  # outputs are named by stem
+        dupes = sorted({n for n in stems if stems.count(n) > 1})
+        if dupes:
+            raise DataError(f"split '{self.predict_split}': several masks are named {dupes[0]}.*; names must be unique")
+        return ds
+
+    def check_stage(self, stage: str) -> None:
+        if stage == "fit":  # one file in both splits
             check_distinct(self.datasets["train"].records + self.datasets["val"].records)
-        elif stage == "validate":
-            self.datasets["val"] = self._dataset("val")
-        elif stage == "test":
-            self.datasets["test"] = self._dataset("test")
-        elif stage == "predict":
-            if self.conditional or self.predict_images:
-                ds = self._predict_dataset()
-                stems = [Path(r.name).stem for r in ds.records]  # outputs are named by stem
-                dupes = sorted({n for n in stems if stems.count(n) > 1})
-                if dupes:
-                    raise DataError(
-                        f"split '{self.predict_split}': several masks are named {dupes[0]}.*; names must be unique"
-                    )
-                self.datasets["predict"] = ds
-            else:
-                self.datasets["predict"] = IndexDataset(self.num_samples)
-
-    def _loader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and split in ("train", "val"),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, drop_last=len(self.datasets["train"]) > self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

@@ -26,7 +26,6 @@ IMAGE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 """Image files read from a folder: Pillow's grey/RGB 8/16-bit formats and ``.npy`` arrays."""
 MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".bmp")
 """Mask files read from a folder: lossless formats only (a JPEG alters labels)."""
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ they are.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from medsynth.data.image2d import SPLITS, ImageRecord
+from medsynth.data.base import SPLITS, resolve_listed_path
+from medsynth.data.image2d import ImageRecord
 from medsynth.errors import DataError
 from medsynth.io import read_json
 
@@ -62,18 +62,9 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
         entries = raw
     else:
         raise DataError(f"{path}: manifest must be a list of records or a mapping split -> records")
-    root = Path(os.path.abspath(path.parent))
 
     def resolve(rel, i: int) -> Path:
-        if not isinstance(rel, str) or not rel:
-            raise DataError(f"{path}: record {i} path {rel!r} is not a non-empty string")
-        p = Path(rel)
-        if p.is_absolute():
-            return p
-        full = Path(os.path.normpath(root / p))  # lexical: a symlink the user placed inside is fine
-        if not full.is_relative_to(root):
-            raise DataError(f"{path}: record {i} path '{rel}' leaves the manifest's folder; use an absolute path")
-        return full
+        return resolve_listed_path(path, rel, f"record {i}")
 
     records, seen = [], {}
     for i, entry in enumerate(entries):

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
+from medsynth.data.base import MedsynthDataModule
 from medsynth.data.datamodules import SegGuidedImageDataModule
 from medsynth.data.image2d import IndexDataset
 from medsynth.errors import MedsynthError
-from medsynth.modules.loading import load_module
+from medsynth.loading import load_module
 
 
 class _MasksAsImages(Dataset):
@@ -22,6 +22,7 @@ class _MasksAsImages(Dataset):
 
     def __init__(self, base: Dataset, num_classes: int) -> None:
         self.base, self.num_classes = base, num_classes
+        self.records = base.records
 
     def __len__(self) -> int:
         return len(self.base)
@@ -46,19 +47,16 @@ class MaskDataModule(SegGuidedImageDataModule):
         return {"num_classes": 0, "image_channels": self.num_classes, "image_size": self.image_size,
                 "class_names": None, "output": "mask"}
 
-    def setup(self, stage: str) -> None:
+    def dataset(self, split: str) -> Dataset:
         if self.num_classes < 2:
             raise MedsynthError(f"data.num_classes={self.num_classes}: a mask generator needs >= 2 classes")
-        if stage == "predict":
-            self.datasets["predict"] = IndexDataset(self.num_samples)
-            return
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
-        for split in splits:
-            base = self._dataset(split, need_images=False, random_flip=self.random_flip and split == "train")
-            self.datasets[split] = _MasksAsImages(base, self.num_classes)
+        if split == "predict":
+            return IndexDataset(self.num_samples)
+        base = self._dataset(split, need_images=False, random_flip=self.random_flip and split == "train")
+        return _MasksAsImages(base, self.num_classes)
 
 
-class GeneratedMaskDataModule(L.LightningDataModule):
+class GeneratedMaskDataModule(MedsynthDataModule):
     """Masks sampled from a trained mask generator, as the conditions of a mask-guided image model (stage 2).
 
     ``medsynth predict`` with an image model's checkpoint and this data writes image/mask pairs: every sample
@@ -94,15 +92,15 @@ class GeneratedMaskDataModule(L.LightningDataModule):
         self.image_size = self.mask_model.image_size
         self.num_samples, self.image_channels, self.batch_size = num_samples, image_channels, batch_size
         self.seed, self.device = seed, device
-        self.dataset: Optional[Dataset] = None
+        self.num_workers = 0  # the masks are generated in this process, once
 
     def model_args(self) -> dict:
         return {"num_classes": self.num_classes, "image_channels": self.image_channels,
                 "image_size": self.image_size, "class_names": None, "output": "image"}
 
     @torch.no_grad()
-    def setup(self, stage: str) -> None:
-        if stage != "predict":
+    def dataset(self, split: str) -> Dataset:
+        if split != "predict":
             raise MedsynthError("GeneratedMaskDataModule only serves `medsynth predict`")
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                               "cpu" if self.device == "auto" else self.device)
@@ -112,10 +110,7 @@ class GeneratedMaskDataModule(L.LightningDataModule):
             indices = list(range(start, min(start + self.batch_size, self.num_samples)))
             masks.append(model.sample(indices=indices, seed=self.seed).argmax(1).cpu())
         self.mask_model.cpu()
-        self.dataset = _GeneratedMasks(torch.cat(masks))
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size)
+        return _GeneratedMasks(torch.cat(masks))
 
 
 class _GeneratedMasks(TensorDataset):

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import PositiveInt
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from medsynth.data.base import MedsynthDataModule
 from medsynth.data.datamodules import check_intensity_range
 from medsynth.data.image2d import read_mask, resize_image, resize_mask
 from medsynth.errors import DataError
@@ -61,7 +61,7 @@ class _LabelledSamples(Dataset):
         return {"image": x, "label": label, "name": f"{sample.parent.name}/{sample.name}", "index": index}
 
 
-class SampleDirDataModule(L.LightningDataModule):
+class SampleDirDataModule(MedsynthDataModule):
     """The samples of a ``medsynth predict`` folder with what they were conditioned on (``test`` only).
 
     Two kinds of folder, told apart by ``metadata.json``:
@@ -150,7 +150,7 @@ class SampleDirDataModule(L.LightningDataModule):
             if done.exists() and not overwrite:
                 raise DataError(f"{done}: already exists; pass --data.overwrite true to score again")
         self._scores_stamp = self._stamp()
-        self.dataset: Optional[Dataset] = None
+        self.num_workers = 0  # samples are small .npy files, read in this process
 
     def _first_sample_shape(self) -> Optional[tuple[int, ...]]:
         """The ``(C, H, W)`` of the folder's first sample, or ``None`` when it has none (reported at setup)."""
@@ -182,10 +182,10 @@ class SampleDirDataModule(L.LightningDataModule):
             args["class_names"] = self.class_names
         return args
 
-    def setup(self, stage: str) -> None:
-        if stage != "test":
+    def dataset(self, split: str) -> Dataset:
+        if split != "test":
             raise DataError("SampleDirDataModule only serves `medsynth test` (scoring)")
-        self.dataset = self._labelled() if self.class_names is not None else self._pairs()
+        return self._labelled() if self.class_names is not None else self._pairs()
 
     def _pairs(self) -> Dataset:
         pairs = []
@@ -216,9 +216,6 @@ class SampleDirDataModule(L.LightningDataModule):
                 items.append((f, label))
         return _LabelledSamples(items, self.image_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size)
-
     def _stamp(self) -> Optional[tuple[int, int]]:
         st = self.scores_path.stat() if self.scores_path.is_file() else None
         return (st.st_mtime_ns, st.st_size) if st else None
@@ -231,7 +228,7 @@ class SampleDirDataModule(L.LightningDataModule):
             return
         scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         judge = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        result = {"samples_dir": str(self.samples_dir), "judge": judge, "num_samples": len(self.dataset or []),
+        result = {"samples_dir": str(self.samples_dir), "judge": judge, "num_samples": len(self.datasets.get("test", [])),
                   "scores": scores}
         if self.class_names is None:
             result["segmenter"] = judge  # the key earlier versions wrote for mask faithfulness

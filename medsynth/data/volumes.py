@@ -32,7 +32,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 from torchio.transforms.augmentation import RandomTransform
 
-from medsynth.data.image2d import SPLITS
+from medsynth.data.base import SPLITS
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError, MedsynthError
 from medsynth.io import read_nifti

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from medsynth.errors import MedsynthError
@@ -15,6 +16,7 @@ from medsynth.losses.adversarial import AdversarialLoss
 from medsynth.losses.perceptual import PerceptualLoss
 from medsynth.metrics import ms_ssim, psnr, ssim
 from medsynth.metrics.reconstruction import MS_SSIM_MIN_SIDE
+from medsynth.modules.optim import GANAdam, plain_callable
 from medsynth.nets.autoencoders import KLAutoencoder
 from medsynth.nets.tiling import encode_patchwise, reconstruct
 
@@ -65,9 +67,10 @@ class AutoencoderModule(L.LightningModule):
         adversarial_start_step: generator step from which the discriminator trains and the adversarial loss is
             added (3D MedDiffusion: 12k at 4x, 20k at 8x compression).
         feature_matching_weight: weight of discriminator feature matching in the generator loss; 0 disables.
-        lr: generator learning rate (Adam).
+        lr: generator learning rate.
         discriminator_lr: discriminator learning rate; default ``lr``.
-        betas: Adam betas of both optimisers (GAN practice: (0.5, 0.9)).
+        optimizer: optimiser class of both the generator and the discriminator; their learning rates are ``lr``
+            and ``discriminator_lr``. Default: Adam with betas (0.5, 0.9), GAN practice.
         gradient_clip: maximum gradient norm of each optimiser's parameters; 0 disables.
         init_from: a stage-1 ``medsynth fit`` checkpoint whose autoencoder weights start this run (stage 2). Not
             needed when resuming (``--ckpt_path``).
@@ -103,7 +106,7 @@ class AutoencoderModule(L.LightningModule):
         feature_matching_weight: float = 0.0,
         lr: float = 1e-4,
         discriminator_lr: Optional[float] = None,
-        betas: tuple[float, float] = (0.5, 0.9),
+        optimizer: OptimizerCallable = GANAdam,
         gradient_clip: float = 1.0,
         init_from: Optional[Path] = None,
         freeze_encoder: bool = False,
@@ -117,8 +120,9 @@ class AutoencoderModule(L.LightningModule):
         super().__init__()
         # Built by the CLI, the nets arrive as config (class path + arguments) and are saved with the checkpoint so
         # it rebuilds the module alone; built in Python, they are instances, which the weights already hold.
-        self.save_hyperparameters(ignore=None if _built_from_config() else ["net", "discriminator", "perceptual"])
+        self.save_hyperparameters(ignore=None if _built_from_config() else ["net", "discriminator", "perceptual", "optimizer"])
         self.automatic_optimization = False
+        self.optimizer = plain_callable(optimizer)
         self.net = net if net is not None else KLAutoencoder(spatial_dims=2, in_channels=image_channels)
         if self.net.in_channels != image_channels:
             raise MedsynthError(f"model.net.in_channels={self.net.in_channels} but the data has "
@@ -292,10 +296,10 @@ class AutoencoderModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.net.parameters() if p.requires_grad] if self.freeze_encoder else self.net.parameters()
-        opt_g = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas))
+        opt_g = self.optimizer(params, lr=hp.lr)
         if self.discriminator is None:
             return opt_g
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.discriminator_lr or hp.lr, betas=tuple(hp.betas))
+        opt_d = self.optimizer(self.discriminator.parameters(), lr=hp.discriminator_lr or hp.lr)
         return [opt_g, opt_d]
 
     # ----------------------------------------------------------------- evaluation

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from medsynth.errors import MedsynthError
-from medsynth.modules.diffusion import plain_callable
+from medsynth.modules.optim import plain_callable
 from medsynth.nets.classifier import SmallClassifier
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from pathlib import Path
@@ -11,34 +10,22 @@ from typing import Callable, Literal, Optional, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from medsynth.contracts import ChecksSpatialShape
 from medsynth.diffusion.conditioning import MaskEncoding, ablate_mask, encode_mask, mask_channels
 from medsynth.diffusion.objectives import DDPMObjective, Objective
 from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise
 from medsynth.errors import MedsynthError
+from medsynth.loading import load_module
+from medsynth.modules.optim import plain_callable, warmup_schedule
+from medsynth.nets.tiling import decode_tiled
 from medsynth.nets.unet2d import UNet2D
+from medsynth.provenance import file_sha256
 
 NetFactory = Callable[[int, int], nn.Module]
 """Builds the denoising net from ``(in_channels, out_channels)``; in YAML, a class path with its other arguments."""
-
-
-def plain_callable(fn: Callable) -> Callable:
-    """Strip jsonargparse's instantiation wrapper from a class callable, keeping the class and its arguments.
-
-    The wrapper holds the CLI (and, under DDP, thread locks), which makes the module impossible to deep-copy, and
-    EMA deep-copies the module.
-    """
-    if (
-        isinstance(fn, functools.partial)
-        and getattr(fn.func, "__module__", "").startswith("jsonargparse")
-        and len(fn.args) >= 2
-        and isinstance(fn.args[1], type)
-    ):
-        return functools.partial(fn.args[1], *fn.args[2:], **fn.keywords)
-    return fn
 
 
 def check_guidance(scale: float) -> None:
@@ -270,12 +257,7 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         opt = self.optimizer(self.net.parameters(), lr=self.lr)
         total = self.trainer.estimated_stepping_batches
-        warmup = max(int(self.lr_warmup_steps), 0)
-        if self.lr_schedule == "cosine" and total not in (None, float("inf")):
-            sched = get_cosine_schedule_with_warmup(opt, warmup, int(total))
-        else:
-            sched = get_constant_schedule_with_warmup(opt, warmup)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_schedule(opt, self.lr_warmup_steps, total, self.lr_schedule)}
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -370,9 +352,6 @@ class DiffusionModule(L.LightningModule):
         if self.latent_space is None:
             return None
         if self._codec is None:
-            from medsynth.modules.loading import load_module
-            from medsynth.provenance import file_sha256
-
             path = self.autoencoder or self.latent_space.get("autoencoder")
             if not path:
                 raise MedsynthError("this model learns latents but no autoencoder checkpoint is known: "
@@ -399,8 +378,6 @@ class DiffusionModule(L.LightningModule):
         """Images/volumes in [-1, 1] from scaled latent samples ``(B, C, *latent_spatial)``."""
         codec = self.codec()
         z = z.float() / float(self.latent_space["scale"]) + float(self.latent_space["shift"])
-        from medsynth.nets.tiling import decode_tiled
-
         factor = codec.net.downsample_factor
         tile = self.decode_tile if self.decode_tile is not None else 2 * codec.image_size // factor
         with torch.no_grad():
@@ -410,13 +387,12 @@ class DiffusionModule(L.LightningModule):
     def check_fit_inputs(self, datamodule=None) -> None:
         """Refuse, before anything is written, training shapes the net cannot denoise (e.g. a latent crop size
         BiFlowNet's sub-volumes do not divide); the CLI calls this."""
-        check = getattr(self.net, "check_spatial_shape", None)
         shapes = getattr(datamodule, "training_shapes", None)
-        if check is None or shapes is None:
+        if not isinstance(self.net, ChecksSpatialShape) or shapes is None:
             return
         for shape in shapes():
             try:
-                check(shape)
+                self.net.check_spatial_shape(shape)
             except MedsynthError as exc:
                 raise MedsynthError(f"data.crop_size: the training latents {list(shape)} do not fit the net: "
                                     f"{exc}") from None
@@ -426,9 +402,8 @@ class DiffusionModule(L.LightningModule):
         produce (the CLI calls this)."""
         self.codec()
         shape = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
-        check = getattr(self.net, "check_spatial_shape", None)
-        if check is not None:
-            check(shape)
+        if isinstance(self.net, ChecksSpatialShape):
+            self.net.check_spatial_shape(shape)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         indices = batch["index"].tolist()

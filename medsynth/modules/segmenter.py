@@ -12,7 +12,7 @@ from monai.metrics import DiceMetric
 from torch import Tensor, nn
 
 from medsynth.errors import MedsynthError
-from medsynth.modules.diffusion import plain_callable
+from medsynth.modules.optim import plain_callable
 from medsynth.nets.segmenter import SegUNet
 
 

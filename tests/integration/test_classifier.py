@@ -128,7 +128,7 @@ def test_scoring_refuses_unknown_or_empty_class_folders(tmp_path, capsys):
     d = fake_predict_dir(tmp_path / "ok", {"square": [png, png]})  # a class without a folder is not scored
     dm = SampleDirDataModule(samples_dir=d, image_size=8)
     dm.setup("test")
-    item = dm.dataset[1]
+    item = dm.datasets["test"][1]
     assert item["image"].shape == (1, 8, 8) and item["label"] == 1 and item["name"] == "square/sample_00001.npy"
 
     d = fake_predict_dir(tmp_path / "nothing", {"disc": [png]}, class_names=())

@@ -68,7 +68,7 @@ def test_encoding_writes_latents_and_a_manifest_whose_scaling_round_trips(encode
     np.testing.assert_allclose(scaled["c"].numpy() / s["scale"] + s["shift"], raw, rtol=1e-5, atol=1e-5)
     assert dm.model_args()["sample_shape"] == [8, 8, 8] and dm.model_args()["image_channels"] == 4
     # and the raw latents decode to what the autoencoder reconstructs
-    from medsynth.modules.loading import load_module
+    from medsynth.loading import load_module
 
     ae = load_module(encoded["ae"])
     x = torch.rand(1, 1, 16, 16, 16) * 2 - 1

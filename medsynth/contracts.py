@@ -1,0 +1,87 @@
+"""The written contracts between medsynth's parts: what the CLI and the modules rely on, as ``typing.Protocol``.
+
+A plug-in satisfies a contract by having the methods and attributes below; it does not inherit from them.
+The CLI tests for an optional contract with ``isinstance`` (the protocols are runtime-checkable), never by probing
+attribute names. See docs/architecture.md and docs/extending.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor, nn
+
+
+class NetFactory(Protocol):
+    """Builds a denoising net: ``net(in_channels, out_channels)``, plus ``num_class_embeds=`` for class-conditional
+    models. In YAML a class path with its other arguments; the model supplies the channel counts."""
+
+    def __call__(self, in_channels: int, out_channels: int, **kwargs) -> nn.Module: ...
+
+
+class DenoisingNet(Protocol):
+    """A denoising net: the noised input with conditioning channels ``x`` ``(B, in_channels, *spatial)`` and
+    timesteps ``t`` ``(B,)`` (and class labels ``(B,)`` when built with ``num_class_embeds``) to the objective's
+    target ``(B, out_channels, *spatial)``."""
+
+    def __call__(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor: ...
+
+
+@runtime_checkable
+class ChecksSpatialShape(Protocol):
+    """A net that takes only some spatial shapes (e.g. multiples of its sub-volume size) and says which."""
+
+    def check_spatial_shape(self, spatial: Sequence[int]) -> None:
+        """Raise :class:`~medsynth.errors.MedsynthError` for a shape the net cannot take."""
+
+
+@runtime_checkable
+class AutoencoderNet(Protocol):
+    """An autoencoder net a latent model decodes with (:mod:`medsynth.nets.autoencoders`)."""
+
+    spatial_dims: int
+    latent_channels: int
+    downsample_factor: int
+    """Latent voxels per image voxel, per axis."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``(B, C, *spatial)`` in [-1, 1] to latents ``(B, latent_channels, *spatial / downsample_factor)``."""
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents back to ``(B, C, *spatial)``."""
+
+
+@runtime_checkable
+class DescribesData(Protocol):
+    """A datamodule that tells the model what it must know about the data; the CLI links each entry into the
+    model argument of the same name (``num_classes``, ``image_channels``, ``image_size``, ``class_names``,
+    ``output``, ``sample_shape``, ``latent_space``)."""
+
+    def model_args(self) -> dict: ...
+
+
+@runtime_checkable
+class ChecksFitInputs(Protocol):
+    """A module with inputs of its own to check before training writes anything (shapes the net cannot take,
+    a stage-1 checkpoint); the CLI calls it after the datamodule is set up."""
+
+    def check_fit_inputs(self, datamodule) -> None: ...
+
+
+@runtime_checkable
+class ChecksPredictInputs(Protocol):
+    """A module with inputs of its own to check before ``predict`` writes anything (an autoencoder that does not
+    fit, a sample shape the net cannot produce)."""
+
+    def check_predict_inputs(self) -> None: ...
+
+
+@runtime_checkable
+class WritesPredictions(Protocol):
+    """A module whose predictions are written by a writer of its own choosing (the default is the sample
+    writer): the CLI adds the callback it returns to ``predict``."""
+
+    def prediction_writer(self, output_dir: Path, metadata: dict):
+        """The ``BasePredictionWriter`` that writes this module's predictions under ``output_dir``, with
+        ``metadata`` (checkpoint, run config) recorded beside them."""
