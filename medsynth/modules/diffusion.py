@@ -18,11 +18,9 @@ from medsynth.diffusion.conditioning import MaskEncoding, ablate_mask, encode_ma
 from medsynth.diffusion.objectives import DDPMObjective, Objective
 from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise
 from medsynth.errors import MedsynthError
-from medsynth.loading import load_module
+from medsynth.modules.codec import LatentCodec
 from medsynth.modules.optim import plain_callable, warmup_schedule
-from medsynth.nets.tiling import decode_tiled
 from medsynth.nets.unet2d import UNet2D
-from medsynth.provenance import file_sha256
 
 NetFactory = Callable[[int, int], nn.Module]
 """Builds the denoising net from ``(in_channels, out_channels)``; in YAML, a class path with its other arguments."""
@@ -139,7 +137,9 @@ class DiffusionModule(L.LightningModule):
         self.latent_space = dict(latent_space) if latent_space else None
         self.autoencoder = Path(autoencoder) if autoencoder else None
         self.decode_tile = decode_tile
-        self._codec = None  # the frozen autoencoder, loaded to sample; kept out of the module's children
+        # the frozen autoencoder that decodes latent samples: a plain attribute, so never trained, saved or averaged
+        self.latent_codec = (LatentCodec(latent_space, autoencoder, decode_tile, image_channels)
+                             if latent_space else None)
         self.objective = objective if objective is not None else DDPMObjective()
         self.sampler = sampler if sampler is not None else DDIMSampler()
         self.sampler.check(self.objective)
@@ -329,15 +329,13 @@ class DiffusionModule(L.LightningModule):
 
     def bounded(self) -> bool:
         """Whether samples live in [-1, 1] and may be clipped there: pixels and min-max scaled latents do;
-        standardised latents (``latent_scaling: std``) are unbounded, and clipping them would cut about a third of
-        their values (issue #15)."""
-        if self.latent_space is None:
+        standardised latents (``latent_scaling: std``) are unbounded (issue #15)."""
+        if self.latent_codec is None:
             return True
-        method = self.latent_space.get("method")
-        if method is None:  # model args that do not name the scaling: read it from the attached latent manifest
+        if "method" not in self.latent_space:  # a checkpoint from before the scaling was linked: ask the manifest
             info = getattr(getattr(self._trainer, "datamodule", None), "info", None)
-            method = ((info or {}).get("scaling") or {}).get("method", "minmax")
-        return method == "minmax"
+            return ((info or {}).get("scaling") or {}).get("method", "minmax") == "minmax"
+        return self.latent_codec.bounded
 
     def progress(self, sampler: Optional[Sampler] = None) -> Optional[bool]:
         """The progress-bar setting of ``sampler`` (default the module's) for steps and tiles; off while a trainer
@@ -347,42 +345,9 @@ class DiffusionModule(L.LightningModule):
         return getattr(sampler or self.sampler, "progress", None)
 
     # ----------------------------------------------------------------- latent space
-    def codec(self):
-        """The frozen autoencoder that decodes latent samples (loaded once, checked against the latents)."""
-        if self.latent_space is None:
-            return None
-        if self._codec is None:
-            path = self.autoencoder or self.latent_space.get("autoencoder")
-            if not path:
-                raise MedsynthError("this model learns latents but no autoencoder checkpoint is known: "
-                                    "--model.autoencoder AE.ckpt")
-            path = Path(path)
-            if not path.is_file():
-                raise MedsynthError(f"{path}: autoencoder checkpoint does not exist (give --model.autoencoder AE.ckpt)")
-            expected = self.latent_space.get("autoencoder_sha256")
-            if expected and file_sha256(path) != expected:
-                raise MedsynthError(f"{path}: not the autoencoder these latents were encoded with (SHA-256 differs "
-                                    f"from the latent manifest's {expected[:12]})")
-            codec = load_module(path)
-            net = getattr(codec, "net", None)
-            if getattr(net, "latent_channels", None) != self.image_channels:
-                raise MedsynthError(f"{path}: the autoencoder has {getattr(net, 'latent_channels', None)} latent "
-                                    f"channels but this model generates {self.image_channels}")
-            for p in codec.parameters():
-                p.requires_grad_(False)
-            object.__setattr__(self, "_codec", codec)  # not a child module: not trained, saved or averaged
-        self._codec.to(self.device)
-        return self._codec
-
     def decode(self, z: Tensor) -> Tensor:
         """Images/volumes in [-1, 1] from scaled latent samples ``(B, C, *latent_spatial)``."""
-        codec = self.codec()
-        z = z.float() / float(self.latent_space["scale"]) + float(self.latent_space["shift"])
-        factor = codec.net.downsample_factor
-        tile = self.decode_tile if self.decode_tile is not None else 2 * codec.image_size // factor
-        with torch.no_grad():
-            return decode_tiled(codec.net.decode, z, tile or max(z.shape[2:]), factor,
-                                overlap=codec.hparams.predict_overlap, progress=self.progress()).clamp(-1, 1)
+        return self.latent_codec.decode(z.to(self.device), progress=self.progress())
 
     def check_fit_inputs(self, datamodule=None) -> None:
         """Refuse, before anything is written, training shapes the net cannot denoise (e.g. a latent crop size
@@ -400,7 +365,8 @@ class DiffusionModule(L.LightningModule):
     def check_predict_inputs(self) -> None:
         """Refuse, before anything is written, an autoencoder that does not fit and a sample shape the net cannot
         produce (the CLI calls this)."""
-        self.codec()
+        if self.latent_codec is not None:
+            self.latent_codec.module()
         shape = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
         if isinstance(self.net, ChecksSpatialShape):
             self.net.check_spatial_shape(shape)

@@ -34,7 +34,7 @@ class UpsamplingCodec(nn.Module):
 def latent_model(progress):
     m = DiffusionModule(net=ZeroNet, sampler=DDIMSampler(4, progress=progress), sample_shape=[8, 8, 8],
                         latent_space={"shift": 0.0, "scale": 1.0, "method": "std"}, decode_tile=4).eval()
-    object.__setattr__(m, "_codec", UpsamplingCodec())
+    m.latent_codec._module = UpsamplingCodec()
     return m
 
 
