@@ -1,12 +1,15 @@
-"""Mask conditioning: how an integer label map becomes input channels, and mask ablation for training."""
+"""Conditioning: how an integer label map becomes input channels, mask ablation and condition drop in training,
+the null condition, and classifier-free guidance at sampling."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from medsynth.errors import MedsynthError
 
 MaskEncoding = Literal["one_hot", "scalar"]
 
@@ -59,3 +62,59 @@ def ablate_mask(
     drop[:, 0] = False
     dropped = torch.gather(drop.to(mask.device), 1, mask.flatten(1)).view_as(mask)
     return mask.masked_fill(dropped, 0)
+
+
+def null_condition(
+    cond: Optional[Tensor], labels: Optional[Tensor], encoding: MaskEncoding, num_labels: int
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The null condition shaped like ``cond`` / ``labels``: all-zero one-hot channels (no class anywhere), -1 in
+    the scalar encoding (below every k/255), and the extra label ``num_labels`` for class labels."""
+    null_cond = torch.full_like(cond, 0.0 if encoding == "one_hot" else -1.0) if cond is not None else None
+    null_labels = torch.full_like(labels, num_labels) if labels is not None else None
+    return null_cond, null_labels
+
+
+def drop_condition(
+    cond: Optional[Tensor], labels: Optional[Tensor], null: tuple[Optional[Tensor], Optional[Tensor]], prob: float,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Replace each sample's whole condition (mask channels and label together) by the null condition with
+    probability ``prob``: what lets sampling use classifier-free guidance (Ho & Salimans, 2022)."""
+    if prob <= 0 or (cond is None and labels is None):
+        return cond, labels
+    n = (cond if cond is not None else labels).shape[0]
+    drop = torch.rand(n, generator=generator) < prob
+    if cond is not None:
+        cond = torch.where(drop.to(cond.device).view(-1, *([1] * (cond.ndim - 1))), null[0], cond)
+    if labels is not None:
+        labels = torch.where(drop.to(labels.device), null[1], labels)
+    return cond, labels
+
+
+def check_guidance(scale: float) -> None:
+    """Refuse a negative classifier-free guidance weight."""
+    if scale < 0:
+        raise MedsynthError(f"guidance_scale={scale} must be >= 0 (1 = no guidance)")
+
+
+Denoiser = Callable[[Tensor, Tensor, Optional[Tensor], Optional[Tensor]], Tensor]
+"""``(xt, t, cond, labels) -> prediction``."""
+
+
+def guided(
+    denoise: Denoiser, cond: Optional[Tensor], labels: Optional[Tensor],
+    null: tuple[Optional[Tensor], Optional[Tensor]], scale: float,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The ``(xt, t)`` denoiser a sampler integrates: conditional, or with classifier-free guidance
+    ``uncond + scale * (cond - uncond)`` (one batched call of both) when ``scale != 1``."""
+    if scale == 1.0:
+        return lambda xt, t: denoise(xt, t, cond, labels)
+
+    def both(xt: Tensor, t: Tensor) -> Tensor:
+        out = denoise(torch.cat([xt, xt]), torch.cat([t, t]),
+                      torch.cat([cond, null[0]]) if cond is not None else None,
+                      torch.cat([labels, null[1]]) if labels is not None else None)
+        conditional, unconditional = out.float().chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return both

@@ -35,6 +35,11 @@ SAMPLERS_FOR = {
 """What to suggest when a sampler cannot invert an objective family (a hint in an error message, not a registry)."""
 
 
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by ``(seed, dataset index)``: a sample depends on nothing else."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
 def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> Tensor:
     """Standard normal noise ``(B, *shape)``, one CPU generator per sample.
 

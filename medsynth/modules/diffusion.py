@@ -14,9 +14,18 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from medsynth.contracts import ChecksSpatialShape
-from medsynth.diffusion.conditioning import MaskEncoding, ablate_mask, encode_mask, mask_channels
+from medsynth.diffusion.conditioning import (
+    MaskEncoding,
+    ablate_mask,
+    check_guidance,
+    drop_condition,
+    encode_mask,
+    guided,
+    mask_channels,
+    null_condition,
+)
 from medsynth.diffusion.objectives import DDPMObjective, Objective
-from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise
+from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise, sample_generators
 from medsynth.errors import MedsynthError
 from medsynth.modules.codec import LatentCodec
 from medsynth.modules.optim import plain_callable, warmup_schedule
@@ -24,17 +33,6 @@ from medsynth.nets.unet2d import UNet2D
 
 NetFactory = Callable[[int, int], nn.Module]
 """Builds the denoising net from ``(in_channels, out_channels)``; in YAML, a class path with its other arguments."""
-
-
-def check_guidance(scale: float) -> None:
-    """Refuse a negative classifier-free guidance weight."""
-    if scale < 0:
-        raise MedsynthError(f"guidance_scale={scale} must be >= 0 (1 = no guidance)")
-
-
-def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded by ``(seed, dataset index)``: a sample depends on nothing else."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
 
 class DiffusionModule(L.LightningModule):
@@ -182,26 +180,14 @@ class DiffusionModule(L.LightningModule):
             labels = batch.get("label")
             if labels is None:
                 raise MedsynthError("this model is class-conditional but the data gives no class labels")
-        if train and self.label_drop_prob > 0 and (cond is not None or labels is not None):
-            n = (cond if cond is not None else labels).shape[0]
-            drop = (torch.rand(n, generator=generator) < self.label_drop_prob).to(self.device)
-            null_cond, null_labels = self.null_condition(cond, labels)
-            if cond is not None:
-                cond = torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), null_cond, cond)
-            if labels is not None:
-                labels = torch.where(drop, null_labels, labels)
+        if train:
+            cond, labels = drop_condition(cond, labels, self.null_condition(cond, labels), self.label_drop_prob,
+                                          generator)
         return cond, labels
 
-    def null_condition(
-        self, cond: Optional[Tensor], labels: Optional[Tensor]
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """The null condition shaped like ``cond``/``labels``: all-zero one-hot channels (no class anywhere), -1 in
-        the scalar encoding (below every k/255), and the extra null label."""
-        null_cond = None
-        if cond is not None:
-            null_cond = torch.full_like(cond, 0.0 if self.mask_encoding == "one_hot" else -1.0)
-        null_labels = torch.full_like(labels, self.num_labels) if labels is not None else None
-        return null_cond, null_labels
+    def null_condition(self, cond: Optional[Tensor], labels: Optional[Tensor]):
+        """The null condition shaped like ``cond``/``labels`` (see :func:`~medsynth.diffusion.null_condition`)."""
+        return null_condition(cond, labels, self.mask_encoding, self.num_labels)
 
     def denoise(self, xt: Tensor, t: Tensor, cond: Optional[Tensor], labels: Optional[Tensor] = None) -> Tensor:
         """The net's output for noised ``xt`` ``(B, C, *spatial)`` at ``t`` ``(B,)`` given mask channels ``cond``
@@ -298,28 +284,12 @@ class DiffusionModule(L.LightningModule):
         cond, labels = self.condition(batch)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance(w)
-        if w != 1.0:
-            if cond is None and labels is None:
-                raise MedsynthError(f"guidance_scale={w} needs a mask- or class-conditional model")
-            if self.label_drop_prob == 0:
-                raise MedsynthError(
-                    f"guidance_scale={w} needs a model trained with model.label_drop_prob > 0 (it has no null condition)"
-                )
-            null_cond, null_labels = self.null_condition(cond, labels)
-
-            def denoise(xt: Tensor, t: Tensor) -> Tensor:
-                both = self.denoise(
-                    torch.cat([xt, xt]), torch.cat([t, t]),
-                    torch.cat([cond, null_cond]) if cond is not None else None,
-                    torch.cat([labels, null_labels]) if labels is not None else None,
-                )
-                conditional, unconditional = both.float().chunk(2)
-                return unconditional + w * (conditional - unconditional)
-        else:
-
-            def denoise(xt: Tensor, t: Tensor) -> Tensor:
-                return self.denoise(xt, t, cond, labels)
-
+        if w != 1.0 and cond is None and labels is None:
+            raise MedsynthError(f"guidance_scale={w} needs a mask- or class-conditional model")
+        if w != 1.0 and self.label_drop_prob == 0:
+            raise MedsynthError(f"guidance_scale={w} needs a model trained with model.label_drop_prob > 0 (it has "
+                                "no null condition)")
+        denoise = guided(self.denoise, cond, labels, self.null_condition(cond, labels), w)
         noise = initial_noise((self.image_channels, *spatial), generators, self.device)
         sampler = sampler or self.sampler
         bounded = self.bounded()
