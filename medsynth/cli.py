@@ -458,6 +458,12 @@ class MedsynthCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `medsynth import` is run by main() before this parser is built; it is listed so that --help shows it
+        listed = LightningArgumentParser(description=IMPORT_HELP + " (medsynth import --help)")
+        parser._subcommands_action.add_subcommand("import", listed, help=IMPORT_HELP)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data describes itself to the model once instantiated (a class map's labels are only known after
         # reading it). Every DataModule exposes these attributes; a model without the argument is not linked.
@@ -740,7 +746,10 @@ def main(args: Optional[list[str]] = None) -> None:
     if not debug:  # Lightning's announcements wait until the inputs have passed their checks
         held.hold()
     try:
-        MedsynthCLI(args=None if from_command_line else args, held=held)
+        if args and args[0] == "import":  # converts a file; no model, data or trainer to configure
+            import_command(args[1:])
+        else:
+            MedsynthCLI(args=None if from_command_line else args, held=held)
     except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None or debug:
@@ -753,6 +762,52 @@ def main(args: Optional[list[str]] = None) -> None:
         held.release()
         raise
     held.release()
+
+
+class _ImportParser(argparse.ArgumentParser):
+    """``medsynth import``'s options; a mistake in them is a one-line user error like any other."""
+
+    def error(self, message: str):
+        raise MedsynthError(f"import: {message}")
+
+
+IMPORT_HELP = "Convert a checkpoint of another project (its format detected) into a medsynth checkpoint."
+
+
+def import_command(args: list[str]) -> Path:
+    """``medsynth import``: convert a checkpoint of another project into a medsynth checkpoint.
+
+    The format is detected (or given with ``--format``); only what the source does not record is asked for.
+    The result is read by ``predict --ckpt_path`` and ``fit --model.init_from`` like a checkpoint ``fit`` wrote.
+    """
+    from medsynth.convert import CONVERTERS, ImportOptions, import_checkpoint
+
+    parser = _ImportParser(
+        prog="medsynth import", exit_on_error=False,
+        description=IMPORT_HELP + " Sample it with `medsynth predict --ckpt_path OUT.ckpt`, fine-tune it with "
+                    "`medsynth fit --model.init_from OUT.ckpt`.")
+    parser.add_argument("--source", type=Path, required=True, help="the checkpoint file or model folder to convert")
+    parser.add_argument("--output", type=Path, required=True, help="the medsynth checkpoint to write (never replaced)")
+    parser.add_argument("--num_classes", type=int, help="mask classes counting background, when the source does not "
+                        "record them (a segmentation-guided UNet with a mask channel)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="which weights of a source holding both (default: ema)")
+    parser.add_argument("--autoencoder", type=Path, help="a medsynth autoencoder checkpoint (itself imported) that a "
+                        "latent diffusion model decodes with")
+    parser.add_argument("--format", choices=[c.name for c in CONVERTERS], help="the source's format (default: "
+                        "detected)")
+    ns = parser.parse_args(args)
+    options = ImportOptions(num_classes=ns.num_classes, weights=ns.weights, autoencoder=ns.autoencoder)
+    path, imported, format = import_checkpoint(ns.source, ns.output, options, ns.format)
+    print(f"imported {ns.source} ({format}) as {imported.model['class_path'].rsplit('.', 1)[-1]} into {path}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    data = f" --data {imported.data['class_path']}" if imported.data else ""
+    print(f"sample:    medsynth predict --model {imported.model['class_path']}{data} --ckpt_path {path} "
+          "--output_dir DIR ...")
+    print(f"fine-tune: medsynth fit --config CONFIG --model.init_from {path} ... (CONFIG with the same net; see "
+          "docs/coming-from.md)")
+    return path
 
 
 def _one_line(message: str) -> str:

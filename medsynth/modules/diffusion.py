@@ -99,6 +99,9 @@ class DiffusionModule(L.LightningModule):
             the same file: its SHA-256 is checked). Taken from the command line at predict.
         decode_tile: latent tile side for decoding large samples in overlapping, blended tiles; ``None`` uses the
             autoencoder's own default, 0 decodes whole. Taken from the command line at predict.
+        init_from: a ``medsynth fit`` or ``medsynth import`` checkpoint of the same architecture whose weights (its
+            ``state_dict``: the EMA weights where EMA was used) start this run: fine-tuning. Optimiser, schedule and
+            step count start afresh; resuming with ``--ckpt_path`` restores that checkpoint instead.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class DiffusionModule(L.LightningModule):
         latent_space: Optional[dict] = None,
         autoencoder: Optional[Path] = None,
         decode_tile: Optional[int] = None,
+        init_from: Optional[Path] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ablation_prob <= 1.0:
@@ -152,6 +156,7 @@ class DiffusionModule(L.LightningModule):
         self.latent_space = dict(latent_space) if latent_space else None
         self.autoencoder = Path(autoencoder) if autoencoder else None
         self.decode_tile = decode_tile
+        self.init_from = Path(init_from) if init_from is not None else None
         self._codec = None  # the frozen autoencoder, loaded to sample; kept out of the module's children
         self.objective = objective if objective is not None else DDPMObjective()
         self.sampler = sampler if sampler is not None else DDIMSampler()
@@ -229,6 +234,19 @@ class DiffusionModule(L.LightningModule):
             self._compiled = True
 
     # ----------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        # Runs before a resumed checkpoint is restored, so --ckpt_path still wins over init_from.
+        if stage == "fit" and self.init_from is not None:
+            self.load_state_dict(self._read_init_from())
+
+    def _read_init_from(self) -> dict:
+        """The weights of ``init_from``, checked to fit this model (one line naming the checkpoint if not)."""
+        from medsynth.modules.loading import check_checkpoint, check_weights_fit
+
+        ckpt = check_checkpoint(self.init_from)
+        check_weights_fit(f"{self.init_from} (model.init_from)", self, ckpt["state_dict"])
+        return ckpt["state_dict"]
+
     def on_fit_start(self) -> None:
         # seed_everything gives every DDP rank the same seed, so every rank would draw the same noise, timesteps
         # and condition drops: offset the global generator by the rank (data order has its own sampler seed).
@@ -408,8 +426,11 @@ class DiffusionModule(L.LightningModule):
                                 overlap=codec.hparams.predict_overlap, progress=self.progress()).clamp(-1, 1)
 
     def check_fit_inputs(self, datamodule=None) -> None:
-        """Refuse, before anything is written, training shapes the net cannot denoise (e.g. a latent crop size
-        BiFlowNet's sub-volumes do not divide); the CLI calls this."""
+        """Refuse, before anything is written, an ``init_from`` checkpoint whose weights do not fit and training
+        shapes the net cannot denoise (e.g. a latent crop size BiFlowNet's sub-volumes do not divide); the CLI calls
+        this."""
+        if self.init_from is not None:
+            self._read_init_from()
         check = getattr(self.net, "check_spatial_shape", None)
         shapes = getattr(datamodule, "training_shapes", None)
         if check is None or shapes is None:
