@@ -239,8 +239,9 @@ class MedsynthTrainer(Trainer):
         ckpt_path: Optional[str] = None,
         output_dir: Optional[Path] = None,
         overwrite: bool = False,
+        allow_incompatible: bool = False,
     ) -> Path:
-        """Export a trained net in diffusers format (``OUTPUT_DIR/unet/config.json`` + safetensors).
+        """Export a trained net as a diffusers pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``).
 
         Args:
             model: the model whose net is exported (a diffusion model's).
@@ -248,12 +249,16 @@ class MedsynthTrainer(Trainer):
             ckpt_path: checkpoint to export (EMA weights when EMA was used).
             output_dir: destination folder; must be empty unless ``overwrite``.
             overwrite: allow writing into a non-empty ``output_dir``.
+            allow_incompatible: export a model the segmentation-guided project's pipeline would sample wrongly
+                (one-hot masks, another objective or schedule, class labels, latents, mask output); without it such
+                an export is refused. Its ``unet/config.json`` then says so (``medsynth.reference_pipeline``).
         """
         if ckpt_path is None or output_dir is None:
             raise MedsynthError("export needs --ckpt_path CKPT and --output_dir DIR")
         state = check_checkpoint(ckpt_path)["state_dict"]
         check_exportable(model, ckpt_path)
         check_weights_fit(ckpt_path, model, state)
+        problems = check_export_compatible(model, ckpt_path, allow_incompatible)
         claim = claim_output_dir(output_dir, overwrite, "medsynth export")
         try:
             model.load_state_dict(state)
@@ -262,7 +267,10 @@ class MedsynthTrainer(Trainer):
             abandon_output_dir(claim)
             raise
         release_output_dir(output_dir)
-        print(f"exported {type(model.net).__name__} to {path}")
+        print(f"exported {type(model.net).__name__} to {path} (unet/, scheduler/, model_index.json)")
+        if problems:
+            log.warning(f"{path}: the segmentation-guided reference pipeline samples this export wrongly "
+                        f"({'; '.join(problems)}); unet/config.json records it under 'medsynth'")
         return path
 
     def lr_find(
@@ -300,6 +308,23 @@ class MedsynthTrainer(Trainer):
             else:
                 print(f"suggested learning rate: {suggestion} (curve in {out}); use --model.lr {suggestion:.2e}")
         return suggestion
+
+
+def check_export_compatible(model: LightningModule, ckpt_path, allow_incompatible: bool) -> list[str]:
+    """Refuse an export the segmentation-guided reference pipeline would sample wrongly, unless allowed.
+
+    Returns:
+        Why the reference pipeline would sample it wrongly (empty when it would not).
+
+    Raises:
+        MedsynthError: naming the checkpoint, the reasons and ``--allow_incompatible``.
+    """
+    problems = getattr(model, "reference_incompatibilities", list)()
+    if problems and not allow_incompatible:
+        raise MedsynthError(f"{ckpt_path}: the segmentation-guided reference pipeline would sample this export "
+                            f"wrongly ({'; '.join(problems)}); export anyway with --allow_incompatible (the export "
+                            "then records this in unet/config.json)")
+    return problems
 
 
 def check_exportable(model: LightningModule, ckpt_path) -> None:
@@ -627,6 +652,7 @@ class MedsynthCLI(LightningCLI):
             self._refuse_existing_run()
         if sub == "export":
             check_exportable(self.model, ckpt_path)
+            check_export_compatible(self.model, ckpt_path, bool(self.config[sub].get("allow_incompatible")))
         if ckpt_path:
             self._check_checkpoint_matches_data()
         stage = STAGES.get(sub)
@@ -714,7 +740,7 @@ class MedsynthCLI(LightningCLI):
                 cb["init_args"]["dirpath"] = str(root / "checkpoints")
 
 
-FLAGS = ("--overwrite",)
+FLAGS = ("--overwrite", "--allow_incompatible")
 """Boolean options that may be given bare, as switches (``--overwrite`` means ``--overwrite=true``)."""
 
 

@@ -141,3 +141,53 @@ def test_init_from_starts_fit_from_the_weights_and_refuses_misfits(tmp_path):
     with pytest.raises(MedsynthError, match=r"x.ckpt \(model.init_from\): its weights do not fit"):
         module(block_out_channels=[8, 8, 32]).check_fit_inputs()
 
+
+def tiny_module(**kw) -> DiffusionModule:
+    from functools import partial
+
+    from medsynth.nets import UNet2D
+
+    torch.manual_seed(0)
+    net = partial(UNet2D, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=8)
+    return DiffusionModule(net=net, image_size=16, **kw).eval()
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"num_classes": 3, "mask_encoding": "scalar"}, None),
+    ({}, None),
+    ({"num_classes": 3}, "one_hot masks of 3 channels"),
+    ({"objective": "v"}, "prediction_type='v_prediction'"),
+    ({"objective": "flow"}, "a RectifiedFlowObjective"),
+])
+def test_export_records_what_the_reference_cannot_sample_and_imports_back_exactly(tmp_path, settings, problem):
+    from medsynth.diffusion import DDIMSampler, DDPMObjective, EulerSampler, RectifiedFlowObjective
+
+    settings = dict(settings)
+    kind = settings.pop("objective", None)
+    if kind == "v":
+        settings["objective"] = DDPMObjective(prediction_type="v_prediction")
+    if kind == "flow":
+        settings.update(objective=RectifiedFlowObjective(), sampler=EulerSampler(3, shift=2.0))
+    module = tiny_module(**settings)
+    problems = module.reference_incompatibilities()
+    assert (problem is None and problems == []) or (problem is not None and problem in "; ".join(problems))
+    out = module.export_diffusers(tmp_path / "export")
+    record = json.loads((out / "unet" / "config.json").read_text())["medsynth"]
+    assert record["reference_pipeline"] == "compatible" if problem is None else record["reference_pipeline"].startswith(
+        "INCOMPATIBLE")
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    index = json.loads((out / "model_index.json").read_text())
+    if kind == "flow":
+        assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 2.0
+        assert index["_class_name"] == "DiffusionPipeline"  # no diffusers pipeline samples it: loading fails loudly
+    else:
+        assert scheduler["_class_name"] == "DDIMScheduler" and index["_class_name"] == "DDIMPipeline"
+        assert scheduler["prediction_type"] == module.objective.prediction_type
+
+    _, imported, _ = import_checkpoint(out, tmp_path / "x.ckpt")  # no flag: the record tells
+    loaded = load_module(tmp_path / "x.ckpt")
+    assert type(loaded.objective) is type(module.objective) and loaded.mask_encoding == module.mask_encoding
+    mask = torch.randint(0, 3, (2, 16, 16)) if module.conditional else None
+    sampler = EulerSampler(3, shift=2.0) if kind == "flow" else DDIMSampler(3)
+    assert torch.equal(loaded.sample(mask, indices=[0, 1], sampler=sampler),
+                       module.sample(mask, indices=[0, 1], sampler=sampler))
