@@ -82,7 +82,7 @@ fit: install ## train: make fit CONFIG=configs/seg2d.yaml RUN=runs/x ARGS='--dat
 sample: install ## sample: make sample CONFIG=... RUN=runs/x [CKPT=...] [OUT=...] ARGS='--data.seg_dir ...'
 	$(BIN)/medsynth predict --config $(CONFIG) --ckpt_path $(CKPT) --output_dir $(OUT) $(ARGS)
 
-export: install ## export the net in diffusers format: make export CONFIG=... RUN=runs/x OUT=dir
+export: install ## a diffusers pipeline folder: make export CONFIG=... RUN=runs/x OUT=dir [ARGS=--allow_incompatible]
 	$(BIN)/medsynth export --config $(CONFIG) --ckpt_path $(CKPT) --output_dir $(OUT) $(ARGS)
 
 status: install ## runs under RUNS=runs: step, epoch, best validation loss, latest preview; writes RUN/curves.png

@@ -247,8 +247,9 @@ class MedsynthTrainer(Trainer):
         ckpt_path: Optional[str] = None,
         output_dir: Optional[Path] = None,
         overwrite: bool = False,
+        allow_incompatible: bool = False,
     ) -> Path:
-        """Export a trained net in diffusers format (``OUTPUT_DIR/unet/config.json`` + safetensors).
+        """Export a trained net as a diffusers pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``).
 
         Args:
             model: the model whose net is exported (a diffusion model's).
@@ -256,12 +257,16 @@ class MedsynthTrainer(Trainer):
             ckpt_path: checkpoint to export (EMA weights when EMA was used).
             output_dir: destination folder; must be empty unless ``overwrite``.
             overwrite: allow writing into a non-empty ``output_dir``.
+            allow_incompatible: export a model the segmentation-guided project's pipeline would sample wrongly
+                (one-hot masks, another objective or schedule, class labels, latents, mask output); without it such
+                an export is refused. Its ``unet/config.json`` then says so (``medsynth.reference_pipeline``).
         """
         if ckpt_path is None or output_dir is None:
             raise MedsynthError("export needs --ckpt_path CKPT and --output_dir DIR")
         state = check_checkpoint(ckpt_path)["state_dict"]
         check_exportable(model, ckpt_path)
         check_weights_fit(ckpt_path, model, state)
+        problems = check_export_compatible(model, ckpt_path, allow_incompatible)
         claim = claim_output_dir(output_dir, overwrite, "medsynth export")
         try:
             model.load_state_dict(state)
@@ -270,7 +275,10 @@ class MedsynthTrainer(Trainer):
             abandon_output_dir(claim)
             raise
         release_output_dir(output_dir)
-        print(f"exported {type(model.net).__name__} to {path}")
+        print(f"exported {type(model.net).__name__} to {path} (unet/, scheduler/, model_index.json)")
+        if problems:
+            log.warning(f"{path}: the segmentation-guided reference pipeline samples this export wrongly "
+                        f"({'; '.join(problems)}); unet/config.json records it under 'medsynth'")
         return path
 
     def lr_find(
@@ -308,6 +316,23 @@ class MedsynthTrainer(Trainer):
             else:
                 print(f"suggested learning rate: {suggestion} (curve in {out}); use --model.lr {suggestion:.2e}")
         return suggestion
+
+
+def check_export_compatible(model: LightningModule, ckpt_path, allow_incompatible: bool) -> list[str]:
+    """Refuse an export the segmentation-guided reference pipeline would sample wrongly, unless allowed.
+
+    Returns:
+        Why the reference pipeline would sample it wrongly (empty when it would not).
+
+    Raises:
+        MedsynthError: naming the checkpoint, the reasons and ``--allow_incompatible``.
+    """
+    problems = getattr(model, "reference_incompatibilities", list)()
+    if problems and not allow_incompatible:
+        raise MedsynthError(f"{ckpt_path}: the segmentation-guided reference pipeline would sample this export "
+                            f"wrongly ({'; '.join(problems)}); export anyway with --allow_incompatible (the export "
+                            "then records this in unet/config.json)")
+    return problems
 
 
 def check_exportable(model: LightningModule, ckpt_path) -> None:
@@ -465,6 +490,12 @@ class MedsynthCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `medsynth import` is run by main() before this parser is built; it is listed so that --help shows it
+        listed = LightningArgumentParser(description=IMPORT_HELP + " (medsynth import --help)")
+        parser._subcommands_action.add_subcommand("import", listed, help=IMPORT_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data describes itself to the model once instantiated (a class map's labels are only known after
@@ -629,6 +660,7 @@ class MedsynthCLI(LightningCLI):
             self._refuse_existing_run()
         if sub == "export":
             check_exportable(self.model, ckpt_path)
+            check_export_compatible(self.model, ckpt_path, bool(self.config[sub].get("allow_incompatible")))
         if ckpt_path:
             self._check_checkpoint_matches_data()
         stage = STAGES.get(sub)
@@ -713,7 +745,7 @@ class MedsynthCLI(LightningCLI):
                 cb["init_args"]["dirpath"] = str(root / "checkpoints")
 
 
-FLAGS = ("--overwrite",)
+FLAGS = ("--overwrite", "--allow_incompatible")
 """Boolean options that may be given bare, as switches (``--overwrite`` means ``--overwrite=true``)."""
 
 
@@ -745,7 +777,10 @@ def main(args: Optional[list[str]] = None) -> None:
     if not debug:  # Lightning's announcements wait until the inputs have passed their checks
         held.hold()
     try:
-        MedsynthCLI(args=None if from_command_line else args, held=held)
+        if args and args[0] == "import":  # converts a file; no model, data or trainer to configure
+            import_command(args[1:])
+        else:
+            MedsynthCLI(args=None if from_command_line else args, held=held)
     except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None or debug:
@@ -758,6 +793,52 @@ def main(args: Optional[list[str]] = None) -> None:
         held.release()
         raise
     held.release()
+
+
+class _ImportParser(argparse.ArgumentParser):
+    """``medsynth import``'s options; a mistake in them is a one-line user error like any other."""
+
+    def error(self, message: str):
+        raise MedsynthError(f"import: {message}")
+
+
+IMPORT_HELP = "Convert a checkpoint of another project (its format detected) into a medsynth checkpoint."
+
+
+def import_command(args: list[str]) -> Path:
+    """``medsynth import``: convert a checkpoint of another project into a medsynth checkpoint.
+
+    The format is detected (or given with ``--format``); only what the source does not record is asked for.
+    The result is read by ``predict --ckpt_path`` and ``fit --model.init_from`` like a checkpoint ``fit`` wrote.
+    """
+    from medsynth.convert import CONVERTERS, ImportOptions, import_checkpoint
+
+    parser = _ImportParser(
+        prog="medsynth import", exit_on_error=False,
+        description=IMPORT_HELP + " Sample it with `medsynth predict --ckpt_path OUT.ckpt`, fine-tune it with "
+                    "`medsynth fit --model.init_from OUT.ckpt`.")
+    parser.add_argument("--source", type=Path, required=True, help="the checkpoint file or model folder to convert")
+    parser.add_argument("--output", type=Path, required=True, help="the medsynth checkpoint to write (never replaced)")
+    parser.add_argument("--num_classes", type=int, help="mask classes counting background, when the source does not "
+                        "record them (a segmentation-guided UNet with a mask channel)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="which weights of a source holding both (default: ema)")
+    parser.add_argument("--autoencoder", type=Path, help="a medsynth autoencoder checkpoint (itself imported) that a "
+                        "latent diffusion model decodes with")
+    parser.add_argument("--format", choices=[c.name for c in CONVERTERS], help="the source's format (default: "
+                        "detected)")
+    ns = parser.parse_args(args)
+    options = ImportOptions(num_classes=ns.num_classes, weights=ns.weights, autoencoder=ns.autoencoder)
+    path, imported, format = import_checkpoint(ns.source, ns.output, options, ns.format)
+    print(f"imported {ns.source} ({format}) as {imported.model['class_path'].rsplit('.', 1)[-1]} into {path}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    data = f" --data {imported.data['class_path']}" if imported.data else ""
+    print(f"sample:    medsynth predict --model {imported.model['class_path']}{data} --ckpt_path {path} "
+          "--output_dir DIR ...")
+    print(f"fine-tune: medsynth fit --config CONFIG --model.init_from {path} ... (CONFIG with the same net; see "
+          "docs/coming-from.md)")
+    return path
 
 
 def _one_line(message: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +29,7 @@ from medsynth.diffusion.conditioning import (
 from medsynth.diffusion.objectives import DDPMObjective, Objective
 from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise, sample_generators
 from medsynth.errors import MedsynthError
+from medsynth.loading import check_checkpoint, check_weights_fit
 from medsynth.modules.codec import LatentCodec
 from medsynth.modules.optim import plain_callable, warmup_schedule
 from medsynth.nets.unet2d import UNet2D
@@ -82,6 +85,9 @@ class DiffusionModule(L.LightningModule):
             the same file: its SHA-256 is checked). Taken from the command line at predict.
         decode_tile: latent tile side for decoding large samples in overlapping, blended tiles; ``None`` uses the
             autoencoder's own default, 0 decodes whole. Taken from the command line at predict.
+        init_from: a ``medsynth fit`` or ``medsynth import`` checkpoint of the same architecture whose weights (its
+            ``state_dict``: the EMA weights where EMA was used) start this run: fine-tuning. Optimiser, schedule and
+            step count start afresh; resuming with ``--ckpt_path`` restores that checkpoint instead.
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class DiffusionModule(L.LightningModule):
         latent_space: Optional[dict] = None,
         autoencoder: Optional[Path] = None,
         decode_tile: Optional[int] = None,
+        init_from: Optional[Path] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ablation_prob <= 1.0:
@@ -135,6 +142,7 @@ class DiffusionModule(L.LightningModule):
         self.latent_space = dict(latent_space) if latent_space else None
         self.autoencoder = Path(autoencoder) if autoencoder else None
         self.decode_tile = decode_tile
+        self.init_from = Path(init_from) if init_from is not None else None
         # the frozen autoencoder that decodes latent samples: a plain attribute, so never trained, saved or averaged
         self.latent_codec = (LatentCodec(latent_space, autoencoder, decode_tile, image_channels)
                              if latent_space else None)
@@ -202,6 +210,17 @@ class DiffusionModule(L.LightningModule):
             self._compiled = True
 
     # ----------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        # Runs before a resumed checkpoint is restored, so --ckpt_path still wins over init_from.
+        if stage == "fit" and self.init_from is not None:
+            self.load_state_dict(self._read_init_from())
+
+    def _read_init_from(self) -> dict:
+        """The weights of ``init_from``, checked to fit this model (one line naming the checkpoint if not)."""
+        ckpt = check_checkpoint(self.init_from)
+        check_weights_fit(f"{self.init_from} (model.init_from)", self, ckpt["state_dict"])
+        return ckpt["state_dict"]
+
     def on_fit_start(self) -> None:
         # seed_everything gives every DDP rank the same seed, so every rank would draw the same noise, timesteps
         # and condition drops: offset the global generator by the rank (data order has its own sampler seed).
@@ -320,8 +339,11 @@ class DiffusionModule(L.LightningModule):
         return self.latent_codec.decode(z.to(self.device), progress=self.progress())
 
     def check_fit_inputs(self, datamodule=None) -> None:
-        """Refuse, before anything is written, training shapes the net cannot denoise (e.g. a latent crop size
-        BiFlowNet's sub-volumes do not divide); the CLI calls this."""
+        """Refuse, before anything is written, an ``init_from`` checkpoint whose weights do not fit and training
+        shapes the net cannot denoise (e.g. a latent crop size BiFlowNet's sub-volumes do not divide); the CLI calls
+        this."""
+        if self.init_from is not None:
+            self._read_init_from()
         shapes = getattr(datamodule, "training_shapes", None)
         if not isinstance(self.net, ChecksSpatialShape) or shapes is None:
             return
@@ -359,19 +381,121 @@ class DiffusionModule(L.LightningModule):
         return out
 
     # ----------------------------------------------------------------- export
+    def reference_incompatibilities(self) -> list[str]:
+        """Why the segmentation-guided project's pipelines (``SegGuidedDDIMPipeline``, or diffusers' ``DDIMPipeline``
+        for unconditional nets: DDIM over ``DDIMScheduler(num_train_timesteps=1000)``, epsilon, one k/255 mask
+        channel, no class labels, images out) would sample an export of this model wrongly; empty if they would
+        not."""
+        problems = []
+        if self.conditional and mask_channels(self.num_classes, self.mask_encoding) != 1:
+            problems.append(f"{self.mask_encoding} masks of {mask_channels(self.num_classes, self.mask_encoding)} "
+                            "channels (the reference reads one k/255 channel: train with model.mask_encoding scalar)")
+        if self.objective.family != "diffusion":
+            problems.append(f"a {type(self.objective).__name__} (the reference samples DDPM/DDIM)")
+        else:
+            config, reference = self.objective.scheduler_config(), _REFERENCE_SCHEDULE
+            differ = [f"{k}={config.get(k)!r}" for k in reference if config.get(k) != reference[k]]
+            if differ:
+                problems.append(f"{', '.join(differ)} (the reference builds DDIMScheduler(num_train_timesteps=1000): "
+                                "epsilon on 1000 linear steps)")
+        if self.class_conditional:
+            problems.append("class labels (the reference's labels mean something else)")
+        if self.latent_space is not None:
+            problems.append("autoencoder latents (the reference samples pixels)")
+        if self.output != "image":
+            problems.append(f"{self.output} output (the reference generates images)")
+        return problems
+
+    def export_record(self) -> dict:
+        """What ``medsynth export`` records under ``medsynth`` in ``unet/config.json``: the settings the net was
+        trained with, which the weights alone do not tell (``medsynth import`` reads them back)."""
+        problems = self.reference_incompatibilities()
+        return {
+            "objective": _plugin_config(self.objective),
+            "sampler": _plugin_config(self.sampler),
+            "num_classes": self.num_classes,
+            "mask_encoding": self.mask_encoding,
+            "class_names": self.class_names,
+            "label_drop_prob": self.label_drop_prob,
+            "output": self.output,
+            "latent_space": self.latent_space,
+            "reference_pipeline": "compatible" if not problems else "INCOMPATIBLE: " + "; ".join(problems),
+        }
+
     def export_diffusers(self, folder: str | Path) -> Path:
-        """Write the net in diffusers format under ``folder/unet`` (for the reference pipeline's users)."""
+        """Write a diffusers pipeline folder: ``unet/`` (the net, with :meth:`export_record` under ``medsynth`` in its
+        ``config.json``), ``scheduler/`` (the objective's noise process and prediction type: DDIM over the DDPM
+        schedule, or flow-matching Euler for rectified flow) and ``model_index.json``. Each part is written whole
+        beside its place, then swapped in.
+
+        The caller decides whether an export the reference pipeline would sample wrongly may be written
+        (:meth:`reference_incompatibilities`); such an export says so in its ``reference_pipeline`` record.
+        """
+        import diffusers
+
         if not hasattr(self.net, "save_pretrained"):
             raise MedsynthError(f"{type(self.net).__name__} cannot be exported in diffusers format")
-        final, tmp = Path(folder) / "unet", Path(folder) / ".unet.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.net.save_pretrained(tmp, sample_size=self.image_size)  # complete, then moved into place
-        if final.exists():  # the caller checked that overwriting was asked for; a kill here loses neither
-            old = Path(folder) / ".unet.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
+        folder = Path(folder)
+        diffusion = self.objective.family == "diffusion"
+        if diffusion:
+            scheduler = diffusers.DDIMScheduler(**self.objective.scheduler_config())
         else:
-            os.replace(tmp, final)
-        return final
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**self.objective.scheduler_config(),
+                                                                  shift=float(getattr(self.sampler, "shift", 1.0)))
+        index = {
+            # a pipeline class that samples this scheduler with an unconditional net (rectified flow has none in
+            # diffusers: loading the whole pipeline then fails loudly instead of sampling wrongly)
+            "_class_name": "DDIMPipeline" if diffusion else "DiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", type(scheduler).__name__],
+            "unet": ["diffusers", "UNet2DModel"],
+        }
+
+        def write_unet(tmp: Path) -> None:
+            self.net.save_pretrained(tmp, sample_size=self.image_size)
+            config = json.loads((tmp / "config.json").read_text())
+            config[EXPORT_RECORD_KEY] = self.export_record()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+        _replace_whole(folder / "unet", write_unet)
+        _replace_whole(folder / "scheduler", lambda tmp: scheduler.save_pretrained(str(tmp)))
+        _replace_whole(folder / "model_index.json",
+                       lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+        return folder
+
+
+EXPORT_RECORD_KEY = "medsynth"
+"""The key of an exported ``unet/config.json`` holding :meth:`DiffusionModule.export_record`."""
+_REFERENCE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                       "prediction_type": "epsilon"}
+"""The noise process the segmentation-guided project's pipelines assume (``DDIMScheduler(num_train_timesteps=1000)``)."""
+
+
+def _plugin_config(obj) -> dict:
+    """``{"class_path", "init_args"}`` of a plug-in object (objective, sampler) from its constructor's arguments,
+    which these classes keep as attributes of the same name."""
+    params = inspect.signature(type(obj).__init__).parameters
+    init_args = {name: getattr(obj, name) for name in params if name != "self" and hasattr(obj, name)}
+    return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": init_args}
+
+
+def _replace_whole(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a file or folder through ``write(tmp)`` beside ``final``, then put it in ``final``'s place; an existing
+    ``final`` (the caller checked that replacing was asked for) is moved aside first, so a kill loses neither."""
+    tmp, old = final.with_name(f".{final.name}.partial"), final.with_name(f".{final.name}.old")
+    for leftover in (tmp, old):
+        _remove(leftover)
+    write(tmp)
+    if final.exists():
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    else:
+        os.replace(tmp, final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from tests.integration.test_cli import CONFIGS, data_args, run
 from tests.integration.test_class_cli import class_map
+from tests.integration.test_cli import CONFIGS, data_args, run
 
 TINY_NET = ["--model.net.init_args.block_out_channels", "[8, 16]", "--model.net.init_args.attention_levels",
             "[false, true]", "--model.net.init_args.norm_num_groups", 8, "--model.net.init_args.attention_head_dim", 8,
