@@ -159,3 +159,17 @@ def test_diffusion_module_trains_with_the_l1_error():
     for got, expected in losses.values():
         assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(losses["l1"][0], losses["mse"][0])
+
+
+def test_cosine_schedule_with_the_originals_beta_cap():
+    # 3D MedDiffusion's cosine_beta_schedule: abar from cos(((t / T) + s) / (1 + s) * pi / 2) ** 2, betas capped at 0.9999
+    steps, s = 1000, 0.008
+    x = torch.linspace(0, steps, steps + 1, dtype=torch.float64)
+    abar = torch.cos(((x / steps) + s) / (1 + s) * torch.pi * 0.5) ** 2
+    betas = (1 - abar[1:] / abar[:-1]).clip(0, 0.9999)
+    expected = torch.cumprod(1 - betas, 0).float()
+    ours = DDPMObjective(beta_schedule="squaredcos_cap_v2", max_beta=0.9999).alphas_cumprod
+    assert torch.allclose(ours, expected, rtol=1e-3, atol=1e-6)
+    assert ours[-1] == pytest.approx(float(expected[-1]), rel=1e-3)  # the cap shows at the last step only
+    default = DDPMObjective(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    assert torch.equal(default[:-1], ours[:-1]) and default[-1] > 5 * ours[-1]
