@@ -11,6 +11,7 @@ from torch import Tensor
 from medsynth.errors import MedsynthError
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+RegressionLoss = Literal["mse", "l1"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 
 
@@ -27,6 +28,8 @@ class Objective:
     """
 
     num_train_timesteps: int
+    loss: RegressionLoss = "mse"
+    """The per-element error between prediction and target: squared (``mse``) or absolute (``l1``)."""
     family: str = "diffusion"
     """Which samplers can invert it: ``diffusion`` (DDPM, DDIM, DPM-Solver++, UniPC) or ``flow`` (Euler, Heun,
     DPM-Solver++ and UniPC with flow sigmas)."""
@@ -44,8 +47,12 @@ class Objective:
         raise NotImplementedError
 
     def loss_weight(self, t: Tensor) -> Tensor:
-        """Per-sample weight ``(B,)`` of the squared error at timesteps ``t``."""
+        """Per-sample weight ``(B,)`` of the error at timesteps ``t``."""
         return torch.ones(t.shape[0])
+
+    def error(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The per-element error ``(B, C, *spatial)`` of ``pred`` against ``target`` (see :attr:`loss`)."""
+        return (pred - target).abs() if self.loss == "l1" else (pred - target).square()
 
     def scheduler_config(self) -> dict:
         """Keyword arguments for a diffusers scheduler describing the same noise process."""
@@ -68,6 +75,9 @@ class DDPMObjective(Objective):
         beta_end: last beta of the linear schedules.
         min_snr_gamma: if set, weight each sample's loss by Min-SNR-gamma (Hang et al., 2023): ``min(SNR, gamma)``
             divided by ``SNR`` (epsilon), ``SNR + 1`` (v) or 1 (x0); 5 is the paper's choice. ``None``: uniform.
+        loss: ``mse`` (squared error, Ho et al.) or ``l1`` (absolute error, as 3D MedDiffusion trains BiFlowNet).
+        max_beta: the cap on the cosine schedule's betas: 0.999 (Nichol & Dhariwal, diffusers) or 0.9999
+            (3D MedDiffusion; it changes only the last step, ``abar`` at ``t = T - 1``).
     """
 
     def __init__(
@@ -78,9 +88,17 @@ class DDPMObjective(Objective):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         min_snr_gamma: Optional[float] = None,
+        loss: RegressionLoss = "mse",
+        max_beta: float = 0.999,
     ) -> None:
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise MedsynthError(f"objective.min_snr_gamma={min_snr_gamma} must be positive")
+        if loss not in ("mse", "l1"):
+            raise MedsynthError(f"objective.loss must be 'mse' or 'l1', got {loss!r}")
+        self.loss = loss
+        if not 0.0 < max_beta < 1.0:
+            raise MedsynthError(f"objective.max_beta={max_beta} must lie in (0, 1)")
+        self.max_beta = max_beta
         self.prediction_type = prediction_type
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
@@ -91,13 +109,18 @@ class DDPMObjective(Objective):
         self.alphas_cumprod = self._scheduler.alphas_cumprod.float()  # (T,) abar_t
 
     def scheduler_config(self) -> dict:
-        return dict(
+        config = dict(
             num_train_timesteps=self.num_train_timesteps,
             beta_schedule=self.beta_schedule,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
             prediction_type=self.prediction_type,
         )
+        if self.beta_schedule == "squaredcos_cap_v2" and self.max_beta != 0.999:  # diffusers fixes the cap at 0.999
+            from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
+
+            config["trained_betas"] = betas_for_alpha_bar(self.num_train_timesteps, self.max_beta).tolist()
+        return config
 
     def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         abar = self.alphas_cumprod[t.cpu()]

@@ -11,7 +11,6 @@ from typing import Callable, Literal, Optional, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
@@ -228,7 +227,7 @@ class DiffusionModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def diffusion_loss(self, batch: dict, generator: Optional[torch.Generator] = None) -> Tensor:
-        """The objective's weighted squared error on one batch; ``generator`` fixes noise and timesteps."""
+        """The objective's weighted error (squared or absolute) on one batch; ``generator`` fixes noise and timesteps."""
         x0 = batch["image"]  # (B, C, *spatial) in [-1, 1]
         cond, labels = self.condition(batch, train=self.training, generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0) if generator else torch.randn_like(x0)
@@ -236,7 +235,7 @@ class DiffusionModule(L.LightningModule):
         xt = self.objective.add_noise(x0, noise, t)
         pred = self.denoise(xt, t, cond, labels)
         target = self.objective.target(x0, noise, t)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        per_sample = self.objective.error(pred.float(), target.float()).flatten(1).mean(1)
         return (per_sample * self.objective.loss_weight(t).to(per_sample)).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -20,7 +20,7 @@ tiled decoding in :mod:`medsynth.nets.tiling` rely on:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -217,15 +217,49 @@ class VectorQuantizer(nn.Module):
         return counts
 
 
+class MultiHeadSelfAttention(nn.Module):
+    """Residual multi-head self-attention over all positions of a feature map, as 3D MedDiffusion writes it.
+
+    ``x + to_out(attention(to_qkv(norm(x))))``: a bias-free linear map to ``heads * head_dim`` queries, keys and
+    values per position, scaled dot-product attention, and a 1x1 convolution back to ``channels``. Its memory
+    grows with the square of the number of positions: use it at low resolution.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: channels of the feature map.
+        heads: attention heads.
+        head_dim: features per head (32 in 3D MedDiffusion, independent of ``channels``).
+        norm: the normalisation applied before attention (a GroupNorm in the autoencoder, a channel LayerNorm in
+            BiFlowNet).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, heads: int, head_dim: int, norm: nn.Module) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = norm
+        self.to_qkv = nn.Linear(channels, 3 * heads * head_dim, bias=False)
+        self.to_out = Conv[Conv.CONV, spatial_dims](heads * head_dim, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        out = out.transpose(-1, -2).reshape(b, -1, *spatial)  # (B, heads * head_dim, *spatial), head-major
+        return x + self.to_out(out)
+
+
 class _ResBlock(nn.Module):
     """A pre-activation residual block: (GroupNorm, SiLU, conv) twice plus a (1x1-projected) skip."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm_num_groups: int) -> None:
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, norm_num_groups: int, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
-        self.norm1 = nn.GroupNorm(min(norm_num_groups, in_channels), in_channels)
+        self.norm1 = nn.GroupNorm(min(norm_num_groups, in_channels), in_channels, eps=eps)
         self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = nn.GroupNorm(min(norm_num_groups, out_channels), out_channels)
+        self.norm2 = nn.GroupNorm(min(norm_num_groups, out_channels), out_channels, eps=eps)
         self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1)
         self.skip = conv(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
 
@@ -255,10 +289,17 @@ class PatchVolumeAutoencoder(nn.Module):
     latents used for diffusion are the unquantised encoder features (:meth:`encode`). Works in 2D and 3D.
 
     Encoder: 3x3 conv to ``channels[0]``, then per level ``num_res_blocks`` residual blocks (GroupNorm + SiLU) and,
-    between levels, a stride-2 3x3 conv; GroupNorm, SiLU and a 1x1 conv to ``latent_channels``. Decoder: the mirror
-    image, with nearest upsampling + conv, ending in GroupNorm, SiLU and a 3x3 conv to ``in_channels`` without an
-    output activation (data are in [-1, 1]; the reconstruction is unconstrained). The protocol is described in the
-    module docstring.
+    between levels, a stride-2 conv; optionally a middle block (ResBlock, self-attention, ResBlock); GroupNorm, SiLU
+    and a conv to ``latent_channels``; optionally a 1x1 "pre-VQ" conv. Decoder: the mirror image (optional
+    "post-VQ" 1x1 conv, conv in, optional middle block, levels with upsampling), ending in GroupNorm, SiLU and a 3x3
+    conv to ``in_channels`` without an output activation (data are in [-1, 1]; the reconstruction is
+    unconstrained). The protocol is described in the module docstring.
+
+    The original network of 3D MedDiffusion is ``channels=[48, 96, 96]`` (4x) or ``[48, 96, 192, 192]`` (8x),
+    ``num_res_blocks=2``, ``norm_num_groups=24``, ``norm_eps=1e-6``, ``mid_attention_heads=4``,
+    ``quant_convs=true``, ``downsample_kernel=4``, ``upsample="transposed"``, ``encoder_out_kernel=3``
+    (``configs/experiments/ae3d_meddiffusion_{4x,8x}.yaml``: 8,485,641 and 34,818,921 parameters); its
+    checkpoints load into it (:mod:`medsynth.convert.meddiffusion`).
 
     Args:
         spatial_dims: 2 or 3.
@@ -273,6 +314,16 @@ class PatchVolumeAutoencoder(nn.Module):
         dead_code_threshold: EMA cluster size below which a code is restarted; 0 disables restarts.
         norm_num_groups: GroupNorm groups; a level uses ``min(norm_num_groups, channels)``, which must divide its
             channels.
+        norm_eps: the GroupNorms' epsilon (1e-6 in 3D MedDiffusion).
+        mid_attention_heads: heads of a middle block (ResBlock, self-attention, ResBlock) at the lowest resolution
+            of encoder and decoder; 0 leaves it out.
+        attention_head_dim: features per head of that self-attention.
+        quant_convs: 1x1 convs on the latent before quantisation (part of :meth:`encode`) and after it (part of
+            :meth:`decode`).
+        downsample_kernel: kernel of the stride-2 downsampling convs (3, or 4 as 3D MedDiffusion; padding 1).
+        upsample: ``"nearest_conv"`` (nearest 2x and a 3x3 conv to the next level's width) or ``"transposed"``
+            (a kernel-4 stride-2 transposed conv keeping the width; the next level's first ResBlock changes it).
+        encoder_out_kernel: kernel of the encoder's last conv to ``latent_channels`` (1, or 3).
     """
 
     def __init__(
@@ -287,6 +338,13 @@ class PatchVolumeAutoencoder(nn.Module):
         commitment_weight: float = 0.25,
         dead_code_threshold: float = 1.0,
         norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        mid_attention_heads: int = 0,
+        attention_head_dim: int = 32,
+        quant_convs: bool = False,
+        downsample_kernel: Literal[3, 4] = 3,
+        upsample: Literal["nearest_conv", "transposed"] = "nearest_conv",
+        encoder_out_kernel: Literal[1, 3] = 1,
     ) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
@@ -300,22 +358,45 @@ class PatchVolumeAutoencoder(nn.Module):
         bad = [c for c in channels if c % min(norm_num_groups, c)]
         if bad:
             raise MedsynthError(f"net.norm_num_groups={norm_num_groups} does not divide channels {bad}")
+        if downsample_kernel not in (3, 4) or encoder_out_kernel not in (1, 3) or mid_attention_heads < 0:
+            raise MedsynthError(
+                f"net.downsample_kernel must be 3 or 4, net.encoder_out_kernel 1 or 3 and net.mid_attention_heads "
+                f">= 0, got {downsample_kernel}, {encoder_out_kernel}, {mid_attention_heads}"
+            )
+        if upsample not in ("nearest_conv", "transposed"):
+            raise MedsynthError(f"net.upsample must be 'nearest_conv' or 'transposed', got {upsample!r}")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.downsample_factor = 2 ** (len(channels) - 1)
         conv = Conv[Conv.CONV, spatial_dims]
 
+        def res_block(cin: int, cout: int) -> nn.Module:
+            return _ResBlock(spatial_dims, cin, cout, norm_num_groups, norm_eps)
+
+        def norm(c: int) -> nn.GroupNorm:
+            return nn.GroupNorm(min(norm_num_groups, c), c, eps=norm_eps)
+
+        def mid_block(c: int) -> list[nn.Module]:
+            if not mid_attention_heads:
+                return []
+            attention = MultiHeadSelfAttention(spatial_dims, c, mid_attention_heads, attention_head_dim, norm(c))
+            return [res_block(c, c), attention, res_block(c, c)]
+
         encoder: list[nn.Module] = [conv(in_channels, channels[0], kernel_size=3, padding=1)]
         prev = channels[0]
         for level, ch in enumerate(channels):
             for _ in range(num_res_blocks):
-                encoder.append(_ResBlock(spatial_dims, prev, ch, norm_num_groups))
+                encoder.append(res_block(prev, ch))
                 prev = ch
             if level < len(channels) - 1:
-                encoder.append(conv(ch, ch, kernel_size=3, stride=2, padding=1))
-        encoder += [nn.GroupNorm(min(norm_num_groups, prev), prev), nn.SiLU(), conv(prev, latent_channels, 1)]
+                encoder.append(conv(ch, ch, kernel_size=downsample_kernel, stride=2, padding=1))
+        encoder += mid_block(prev)
+        out_pad = encoder_out_kernel // 2
+        encoder += [norm(prev), nn.SiLU(), conv(prev, latent_channels, encoder_out_kernel, padding=out_pad)]
         self.encoder = nn.Sequential(*encoder)
+        quant_conv = (lambda: conv(latent_channels, latent_channels, 1)) if quant_convs else nn.Identity
+        self.pre_quant_conv, self.post_quant_conv = quant_conv(), quant_conv()
 
         self.quantizer = VectorQuantizer(
             num_codes=num_codes,
@@ -326,21 +407,25 @@ class PatchVolumeAutoencoder(nn.Module):
         )
 
         decoder: list[nn.Module] = [conv(latent_channels, channels[-1], kernel_size=3, padding=1)]
+        decoder += mid_block(channels[-1])
         prev = channels[-1]
         for level in reversed(range(len(channels))):
             for _ in range(num_res_blocks):
-                decoder.append(_ResBlock(spatial_dims, prev, channels[level], norm_num_groups))
+                decoder.append(res_block(prev, channels[level]))
                 prev = channels[level]
-            if level > 0:
+            if level > 0 and upsample == "transposed":
+                transposed = Conv[Conv.CONVTRANS, spatial_dims]
+                decoder.append(transposed(prev, prev, kernel_size=4, stride=2, padding=1))
+            elif level > 0:
                 decoder.append(_Upsample(spatial_dims, prev, channels[level - 1]))
                 prev = channels[level - 1]
-        decoder += [nn.GroupNorm(min(norm_num_groups, prev), prev), nn.SiLU(), conv(prev, in_channels, 3, padding=1)]
+        decoder += [norm(prev), nn.SiLU(), conv(prev, in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*decoder)
 
     def encode(self, x: Tensor) -> Tensor:
         """Unquantised latent ``(B, latent_channels, *spatial / f)`` of images ``x`` ``(B, in_channels, *spatial)``."""
         check_spatial_shape(x, self.spatial_dims, self.downsample_factor)
-        return self.encoder(x)
+        return self.pre_quant_conv(self.encoder(x))
 
     def decode(self, z: Tensor) -> Tensor:
         """Image ``(B, in_channels, *spatial)`` of latent ``z`` ``(B, latent_channels, *spatial / f)``, quantised first.
@@ -348,7 +433,7 @@ class PatchVolumeAutoencoder(nn.Module):
         The codebook is never updated here (only :meth:`forward` in training mode updates it).
         """
         z_q, _ = self.quantizer.quantize(z)
-        return self.decoder(z_q)
+        return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruct ``x`` ``(B, in_channels, *spatial)``; returns ``(reconstruction, commitment loss)``.
@@ -356,7 +441,7 @@ class PatchVolumeAutoencoder(nn.Module):
         In training mode the quantiser also updates its EMA codebook (put ``quantizer.eval()`` to freeze it).
         """
         z_q, loss, _ = self.quantizer(self.encode(x))  # (B, L, *spatial / f)
-        return self.decoder(z_q), loss
+        return self.decoder(self.post_quant_conv(z_q)), loss
 
     def last_layer_weight(self) -> nn.Parameter:
         """The weight of the decoder's final convolution (for the adaptive GAN loss weight)."""
@@ -364,7 +449,7 @@ class PatchVolumeAutoencoder(nn.Module):
 
     def decoder_modules(self) -> list[nn.Module]:
         """The modules stage 2 trains (everything after the codebook); the rest is frozen there."""
-        return [self.decoder]
+        return [self.post_quant_conv, self.decoder]
 
 
 class KLAutoencoder(AutoencoderKL):
