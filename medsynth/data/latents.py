@@ -346,6 +346,7 @@ class LatentDataModule(L.LightningDataModule):
             "image_size": int(shape[0]), "class_names": self.class_names, "output": "image",
             "sample_shape": self.sample_shape(),
             "latent_space": {"autoencoder": ae.get("checkpoint"), "autoencoder_sha256": ae.get("sha256"),
+                             "method": scaling.get("method", "minmax"),  # bounds sampling (DiffusionModule.bounded)
                              "shift": float(scaling["shift"]), "scale": float(scaling["scale"]),
                              "latent_channels": ae.get("latent_channels"),
                              "downsample_factor": ae.get("downsample_factor"),
