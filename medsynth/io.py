@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -397,6 +399,43 @@ ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "
 """Volume files read through SimpleITK (by torchio's conversion), with the content each suffix must hold."""
 
 
+def _quietly(read: Callable[[], Any]) -> tuple[Any, Optional[Exception], str]:
+    """Run ``read`` with the process's stdout and stderr (file descriptors 1 and 2) held: ITK and the format
+    libraries under it print there (MetaIO on stdout), which would break the one-line refusal. Returns the result,
+    the exception raised (or ``None``) and what was printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    error: Optional[Exception] = None
+    result = None
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            result = read()
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller, which names the file
+            error = exc
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        sink.seek(0)
+        printed = sink.read().decode("utf-8", "replace")
+    return result, error, printed
+
+
+def _itk_problem(exc: BaseException, printed: str = "") -> str:
+    """The most specific line of an ITK failure: what the format library printed, else the exception's last line
+    (ITK puts the source file and object address first, the reason last)."""
+    lines = [" ".join(line.split()) for line in printed.splitlines() if line.strip()]
+    if not lines:
+        lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        lines = lines[-1:]
+    text = re.sub(r"^(?:\[\w+\] |(?:itk::|ITK )ERROR: \w+\(0x[0-9a-f]+\): )", "", lines[0])
+    return text[:160]
+
+
 def _dicom_tag(reader, tag: str) -> Optional[str]:
     return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
 
@@ -427,7 +466,8 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
         if kind != "dicom":
             raise DataError(f"{folder}: DICOM series folder holds {f.name}, which is not a DICOM file (its content is "
                             f"{kind}); keep one series per folder and nothing else")
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series, _, _ = _quietly(lambda: sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    series = list(series or ())
     if len(series) != 1:
         raise DataError(f"{folder}: DICOM folder holds {len(series)} series ({', '.join(series[:3])}); give each "
                         "series its own folder" if series else f"{folder}: no readable DICOM series")
@@ -442,10 +482,9 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
     reader = sitk.ImageFileReader()
     for name in names:
         reader.SetFileName(name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise DataError(f"{folder}: unreadable DICOM file {Path(name).name} ({_first_line(exc)})") from None
+        _, error, printed = _quietly(reader.ReadImageInformation)
+        if error is not None:
+            raise DataError(f"{folder}: unreadable DICOM file {Path(name).name} ({_itk_problem(error, printed)})")
         position, orientation = _dicom_tag(reader, "0020|0032"), _dicom_tag(reader, "0020|0037")
         if position is None or orientation is None:
             raise DataError(f"{folder}: {Path(name).name} has no slice position or orientation (tags 0020,0032 and "
@@ -501,27 +540,19 @@ def read_itk_volume(path: str | os.PathLike, what: str = "volume") -> tuple[np.n
             raise DataError(f"{path}: {what} is named {path.suffix} but its content is {kind}")
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise DataError(f"{path}: unreadable {what} ({_first_line(exc)})") from None
+        _, error, printed = _quietly(reader.ReadImageInformation)
+        if error is not None:
+            raise DataError(f"{path}: unreadable {what} ({_itk_problem(error, printed)})")
         size = tuple(int(v) for v in reader.GetSize())
         nbytes = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents() * 8
         if 0 in size or nbytes > MAX_VOLUME_BYTES:
             raise DataError(f"{path}: {what} header claims {'x'.join(map(str, size))} voxels; a corrupt header?")
-    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK prints to stderr; problems become one DataError line
-    try:
-        image = reader.Execute()
-        if image.GetDimension() == 2:
-            raise DataError(f"{path}: {what} is a 2D image; expected a volume")
-        data, affine = sitk_to_nib(image, keepdim=True)  # (C, X, Y, Z), RAS affine: torchio's reader
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ITK raises RuntimeError for every decoding failure
-        raise DataError(f"{path}: unreadable {what} ({_first_line(exc)})") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    image, error, printed = _quietly(reader.Execute)  # ITK raises RuntimeError for every decoding failure
+    if error is not None:
+        raise DataError(f"{path}: unreadable {what} ({_itk_problem(error, printed)})")
+    if image.GetDimension() == 2:
+        raise DataError(f"{path}: {what} is a 2D image; expected a volume")
+    data, affine = sitk_to_nib(image, keepdim=True)  # (C, X, Y, Z), RAS affine: torchio's reader
     data = np.asarray(data, dtype=np.float32)
     data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)  # the NIfTI layout read_nifti gives
     affine = np.asarray(affine, dtype=np.float64)
