@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -165,7 +167,9 @@ def content_kind(path: str | os.PathLike) -> str:
     """What a file holds, judged by its first bytes (not its name).
 
     Returns one of ``png``, ``jpeg``, ``gif``, ``tiff``, ``bmp``, ``webp``, ``npy``, ``gzip``, ``nifti``, ``zip``,
-    ``pickle``, ``json`` (text starting with ``{`` or ``[``), ``empty`` or ``unknown``.
+    ``pickle``, ``dicom`` (a DICOM Part 10 file: ``DICM`` after the 128-byte preamble), ``nrrd``, ``metaimage``
+    (an ITK MetaImage header, ``.mha``/``.mhd``), ``json`` (text starting with ``{`` or ``[``), ``empty`` or
+    ``unknown``.
     """
     with open(path, "rb") as f:
         head = f.read(352)
@@ -179,6 +183,12 @@ def content_kind(path: str | os.PathLike) -> str:
             return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"NRRD"):
+        return "nrrd"
+    if head.lstrip().startswith((b"ObjectType", b"NDims")):
+        return "metaimage"
     if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1") or head[4:7] in (b"n+2", b"ni2"):
         return "nifti"
     if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"["):
@@ -382,6 +392,172 @@ def read_nifti(path: str | os.PathLike, what: str = "volume") -> tuple[np.ndarra
         raise DataError(f"{path}: unreadable NIfTI {what} ({_first_line(exc)})") from None
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise DataError(f"{path}: {what} has a non-finite affine (a corrupt header?)")
+    return data, affine
+
+
+ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage"}
+"""Volume files read through SimpleITK (by torchio's conversion), with the content each suffix must hold."""
+
+
+def _quietly(read: Callable[[], Any]) -> tuple[Any, Optional[Exception], str]:
+    """Run ``read`` with the process's stdout and stderr (file descriptors 1 and 2) held: ITK and the format
+    libraries under it print there (MetaIO on stdout), which would break the one-line refusal. Returns the result,
+    the exception raised (or ``None``) and what was printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    error: Optional[Exception] = None
+    result = None
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            result = read()
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller, which names the file
+            error = exc
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        sink.seek(0)
+        printed = sink.read().decode("utf-8", "replace")
+    return result, error, printed
+
+
+def _itk_problem(exc: BaseException, printed: str = "") -> str:
+    """The most specific line of an ITK failure: what the format library printed, else the exception's last line
+    (ITK puts the source file and object address first, the reason last)."""
+    lines = [" ".join(line.split()) for line in printed.splitlines() if line.strip()]
+    if not lines:
+        lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        lines = lines[-1:]
+    text = re.sub(r"^(?:\[\w+\] |(?:itk::|ITK )ERROR: \w+\(0x[0-9a-f]+\): )", "", lines[0])
+    return text[:160]
+
+
+def _dicom_tag(reader, tag: str) -> Optional[str]:
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
+
+
+def dicom_series_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order, after checking the folder holds exactly one
+    complete series.
+
+    Every file directly inside the folder (hidden ones skipped) must be a DICOM file of that series; slices must
+    share one orientation and lie at distinct, evenly spaced positions along it, so a missing slice file (a gap of
+    more than 1.5 times the usual spacing) is found instead of read as a thinner volume.
+
+    Raises:
+        DataError: one line naming the folder: empty, a file that is not DICOM, more than one series, a file GDCM
+            cannot place in the series, one slice only, mixed orientations, two slices at one position, a gap.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    if not files:
+        raise DataError(f"{folder}: DICOM series folder holds no files")
+    for f in files:
+        try:
+            kind = content_kind(f)
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot read {f.name} ({exc.strerror or _first_line(exc)})") from None
+        if kind != "dicom":
+            raise DataError(f"{folder}: DICOM series folder holds {f.name}, which is not a DICOM file (its content is "
+                            f"{kind}); keep one series per folder and nothing else")
+    series, _, _ = _quietly(lambda: sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    series = list(series or ())
+    if len(series) != 1:
+        raise DataError(f"{folder}: DICOM folder holds {len(series)} series ({', '.join(series[:3])}); give each "
+                        "series its own folder" if series else f"{folder}: no readable DICOM series")
+    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    left = sorted({str(f) for f in files} - set(names))
+    if left:
+        raise DataError(f"{folder}: {Path(left[0]).name} is not part of the folder's DICOM series (damaged or of "
+                        "another series?)")
+    if len(names) < 2:
+        raise DataError(f"{folder}: DICOM series of one slice; a volume needs at least 2")
+    positions, orientations = [], set()
+    reader = sitk.ImageFileReader()
+    for name in names:
+        reader.SetFileName(name)
+        _, error, printed = _quietly(reader.ReadImageInformation)
+        if error is not None:
+            raise DataError(f"{folder}: unreadable DICOM file {Path(name).name} ({_itk_problem(error, printed)})")
+        position, orientation = _dicom_tag(reader, "0020|0032"), _dicom_tag(reader, "0020|0037")
+        if position is None or orientation is None:
+            raise DataError(f"{folder}: {Path(name).name} has no slice position or orientation (tags 0020,0032 and "
+                            "0020,0037)")
+        try:
+            positions.append([float(v) for v in position.split("\\")])
+            orientations.add(tuple(round(float(v), 4) for v in orientation.split("\\")))
+        except ValueError:
+            raise DataError(f"{folder}: {Path(name).name} has a malformed slice position or orientation") from None
+    if len(orientations) > 1:
+        raise DataError(f"{folder}: DICOM slices of {len(orientations)} orientations; not one volume")
+    row_col = np.asarray(next(iter(orientations)), dtype=np.float64).reshape(2, 3)
+    depth = np.sort(np.asarray(positions) @ np.cross(row_col[0], row_col[1]))  # mm along the slice normal
+    gaps = np.diff(depth)
+    if gaps.min() < 1e-3:
+        raise DataError(f"{folder}: two DICOM slices at one position ({depth[int(gaps.argmin())]:.2f} mm); a "
+                        "duplicate file or two series in one folder")
+    usual = float(np.median(gaps))
+    if gaps.max() > 1.5 * usual:
+        at = int(gaps.argmax())
+        raise DataError(f"{folder}: DICOM series has a gap of {gaps[at]:.2f} mm between slices at {depth[at]:.2f} and "
+                        f"{depth[at + 1]:.2f} mm (usual spacing {usual:.2f} mm): a missing slice file?")
+    return names
+
+
+def read_itk_volume(path: str | os.PathLike, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+    """Read a DICOM series folder or an NRRD/MetaImage file (see :data:`ITK_SUFFIXES`) through SimpleITK and
+    torchio's conversion, as :func:`read_nifti` reads NIfTI: float32 voxels ``(X, Y, Z)`` (``(X, Y, Z, C)`` for
+    vector images) and the RAS ``(4, 4)`` affine in mm, so the result is what the same volume gives as NIfTI.
+
+    DICOM intensities have the series' rescale slope and intercept applied (CT in Hounsfield units).
+
+    Raises:
+        DataError: one line naming the file or folder: missing, of another format than its suffix, a broken series
+            (see :func:`dicom_series_files`), corrupt or truncated, too large.
+    """
+    import SimpleITK as sitk
+    from torchio.data.io import sitk_to_nib
+
+    path = Path(path)
+    if path.is_dir():
+        names = dicom_series_files(path)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(names)
+        size = None
+    else:
+        kind = _opened(path, what)
+        expected = ITK_SUFFIXES.get(path.suffix.lower())
+        if expected is None:
+            raise DataError(f"{path}: {what} has suffix '{path.suffix}'; expected .nii, .nii.gz, "
+                            f"{', '.join(ITK_SUFFIXES)} or a DICOM series folder")
+        if kind != expected:
+            raise DataError(f"{path}: {what} is named {path.suffix} but its content is {kind}")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        _, error, printed = _quietly(reader.ReadImageInformation)
+        if error is not None:
+            raise DataError(f"{path}: unreadable {what} ({_itk_problem(error, printed)})")
+        size = tuple(int(v) for v in reader.GetSize())
+        nbytes = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents() * 8
+        if 0 in size or nbytes > MAX_VOLUME_BYTES:
+            raise DataError(f"{path}: {what} header claims {'x'.join(map(str, size))} voxels; a corrupt header?")
+    image, error, printed = _quietly(reader.Execute)  # ITK raises RuntimeError for every decoding failure
+    if error is not None:
+        raise DataError(f"{path}: unreadable {what} ({_itk_problem(error, printed)})")
+    if image.GetDimension() == 2:
+        raise DataError(f"{path}: {what} is a 2D image; expected a volume")
+    data, affine = sitk_to_nib(image, keepdim=True)  # (C, X, Y, Z), RAS affine: torchio's reader
+    data = np.asarray(data, dtype=np.float32)
+    data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)  # the NIfTI layout read_nifti gives
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{path}: {what} has a non-finite geometry (a corrupt header?)")
     return data, affine
 
 

@@ -29,6 +29,22 @@ def generated_affine(latent_space: dict) -> np.ndarray:
     return affine
 
 
+def in_source_units(sample: torch.Tensor, latent_space: Optional[dict]) -> tuple[torch.Tensor, Optional[str]]:
+    """A generated volume in [-1, 1] mapped back to the units of the volumes the latents were encoded from (HU for
+    CT), with the intensity scaling the latent manifest recorded (``latent_space["intensity"]``, see
+    ``Normalization.describe``); unchanged, with ``None`` units, for models whose latents predate that record.
+
+    Returns:
+        The float32 volume and its units (``HU``, ``arbitrary (the scanner's)``, or ``None``: still in [-1, 1]).
+    """
+    intensity = (latent_space or {}).get("intensity") or {}
+    if "low" not in intensity or "high" not in intensity:
+        return sample.float(), None
+    from medsynth.data.volumes import Normalization
+
+    return Normalization.from_unit(sample, float(intensity["low"]), float(intensity["high"])), intensity.get("units")
+
+
 def run_metadata(trainer, pl_module, entries: dict) -> dict:
     """The ``metadata.json`` of an output folder: ``synthetic: true``, ``entries``, and how it was made (world
     size, precision, model class, versions, date, the resolved config)."""
@@ -50,7 +66,8 @@ class SampleWriter(BasePredictionWriter):
 
     Layout under ``output_dir``::
 
-        samples/NAME.nii.gz                  # volumes (3D latent diffusion): NIfTI, spacing from the model
+        samples/NAME.nii.gz                  # volumes (3D latent diffusion): float32 NIfTI in the source volumes'
+                                             # units (HU for CT; see in_source_units), spacing from the model
         samples/NAME.png, samples/NAME.npy   # NAME: the conditioning mask's file stem (or sample_00000);
                                              # all channels in the NPY (multi-channel images, soft masks)
         samples/NAME.json                    # provenance sidecar of the NPY (PNGs carry it in text chunks)
@@ -79,7 +96,7 @@ class SampleWriter(BasePredictionWriter):
         self._count = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._grid, self._count = [], 0
+        self._grid, self._count, self._units = [], 0, None
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
         self._seed = getattr(pl_module, "sample_seed", None)
@@ -109,9 +126,10 @@ class SampleWriter(BasePredictionWriter):
                 self._count += 1
                 continue
             if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing and orientation
-                array = sample.numpy()[0] if sample.shape[0] == 1 else np.moveaxis(sample.numpy(), 0, -1)
-                save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32),
-                           generated_affine(getattr(pl_module, "latent_space", None) or {}),
+                latent_space = getattr(pl_module, "latent_space", None) or {}
+                volume, self._units = in_source_units(sample, latent_space)
+                array = volume.numpy()[0] if volume.shape[0] == 1 else np.moveaxis(volume.numpy(), 0, -1)
+                save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32), generated_affine(latent_space),
                            descrip=nifti_descrip("sample"))
                 view = np.concatenate(orthogonal_slices(sample), axis=1)
             else:
@@ -154,6 +172,8 @@ class SampleWriter(BasePredictionWriter):
                 "sampler": sampler.describe() if sampler is not None else None,
                 "seed": getattr(pl_module, "sample_seed", None),
                 "guidance_scale": getattr(pl_module, "guidance_scale", None),
+                **({"intensity": (getattr(pl_module, "latent_space", None) or {}).get("intensity")}
+                   if self._units else {}),
                 "class_names": getattr(pl_module, "class_names", None),
                 "num_samples": total,
                 "grid_from": "rank 0's samples" if trainer.world_size > 1 else "all samples",
@@ -191,10 +211,13 @@ class ReconstructionWriter(BasePredictionWriter):
 
     @staticmethod
     def _stem(name: str) -> str:
-        for ext in (".nii.gz", ".nii", ".png", ".npy"):
-            if name.endswith(ext):
+        """A file name without its image/volume suffix; other names (volume names such as a DICOM series folder's
+        ``1.2.840.113619.2.55``) are kept whole, since a dot there is not a suffix."""
+        for ext in (".nii.gz", ".nii", ".png", ".npy", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nrrd", ".nhdr",
+                    ".mha", ".mhd"):
+            if name.lower().endswith(ext):
                 return name[: -len(ext)]
-        return Path(name).stem
+        return Path(name).name
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
         recon = prediction["reconstruction"]  # (B, C, *spatial) in [-1, 1]
@@ -223,9 +246,11 @@ class ReconstructionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         total = int(trainer.strategy.reduce(torch.tensor(float(self._count)), reduce_op="sum"))
         if trainer.is_global_zero:
+            normalization = getattr(trainer.datamodule, "normalization", None)
+            units = {"intensity": normalization.describe()} if hasattr(normalization, "describe") else {}
             save_json(self.output_dir / "metadata.json",
                       run_metadata(trainer, pl_module, {**self.metadata, "checkpoint_sha256": self._sha,
-                                                        "num_reconstructions": total}))
+                                                        "num_reconstructions": total, **units}))
 
 
 LATENT_MANIFEST = "latents.json"
@@ -238,9 +263,10 @@ class LatentWriter(BasePredictionWriter):
 
         latents/NAME.npy     # float32 (latent_channels, *spatial / f), unscaled; sides padded to the patch
         masks/NAME.png       # 2D: the input's mask (at image resolution), when the data has masks
-        latents.json         # the latent manifest: records (latent, source, split, label, mask, affine, shapes),
-                             # the scaling to apply (z - shift) * scale, the autoencoder (checkpoint, SHA-256,
-                             # channels, downsampling factor) and the class names
+        latents.json         # the latent manifest: records (latent, source, split, label, mask, affine, shapes,
+                             # intensity_range), the scaling to apply (z - shift) * scale, the autoencoder
+                             # (checkpoint, SHA-256, channels, downsampling factor), the class names, and for
+                             # volumes the intensity normalisation and geometry they were read with
 
     Latents encode real data: they are not marked synthetic. The scaling is computed over every latent written
     (all ranks): ``minmax`` maps the dataset's range onto [-1, 1], ``std`` standardises.
@@ -284,6 +310,8 @@ class LatentWriter(BasePredictionWriter):
                 record["label"] = int(prediction["label"][i])
             if "affine" in prediction:
                 record["affine"] = prediction["affine"][i].double().tolist()
+            if "norm_low" in prediction and "norm_high" in prediction:  # the intensities -1 and 1 stood for
+                record["intensity_range"] = [float(prediction["norm_low"][i]), float(prediction["norm_high"][i])]
             if "mask" in prediction:
                 mask = prediction["mask"][i].numpy()
                 save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16))
@@ -310,6 +338,13 @@ class LatentWriter(BasePredictionWriter):
             shift, scale = mean, 1.0 / max((squares / n - mean * mean) ** 0.5, 1e-8)
         data = trainer.datamodule
         names = getattr(data, "class_names", None) if data is not None else None
+        volumes = {}  # how volumes were read: generated ones are written back in these units and this geometry
+        normalization, geometry = getattr(data, "normalization", None), getattr(data, "geometry", None)
+        if hasattr(normalization, "describe"):
+            volumes["intensity"] = normalization.describe([r["intensity_range"] for r in records
+                                                           if "intensity_range" in r])
+        if hasattr(geometry, "describe"):
+            volumes["geometry"] = geometry.describe()
         scaling = {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high}
         # each record names its scaling and encoder too, so records merged from several encodings are caught
         records = [dict(r, scaling=scaling, autoencoder_sha256=self._sha) for r in records]
@@ -320,6 +355,7 @@ class LatentWriter(BasePredictionWriter):
             "autoencoder": {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha,
                             **pl_module.latent_description()},
             "class_names": names,
+            **volumes,
             "records": sorted(records, key=lambda r: r["name"]),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__},

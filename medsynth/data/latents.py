@@ -2,7 +2,11 @@
 
 A latent manifest (``latents.json``, written by :class:`~medsynth.callbacks.writers.LatentWriter`) lists one
 ``.npy`` per encoded input with its split, class label, mask and source affine, the scaling to apply
-(``(z - shift) * scale``) and the autoencoder that made them (checkpoint, SHA-256, channels, downsampling).
+(``(z - shift) * scale``) and the autoencoder that made them (checkpoint, SHA-256, channels, downsampling). For
+volumes it also records how their intensities were normalised (``intensity``: the CT window, or the MRI
+percentiles with the median range; see ``Normalization.describe``) and the geometry they were read with
+(``geometry``: resampling spacing, RAS reorientation). These keys are optional: older manifests still read, and
+their samples stay in [-1, 1].
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ def read_latent_manifest(path: str | Path) -> dict:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers) \
             or not numbers[1] > 0:
         raise DataError(f"{path}: latent manifest without a valid scaling (shift, scale > 0)")
+    intensity = raw.get("intensity")
+    if intensity is not None and (not isinstance(intensity, dict) or ("low" in intensity) != ("high" in intensity)
+                                  or "low" in intensity and not _finite_range(intensity["low"], intensity["high"])):
+        raise DataError(f"{path}: latent manifest with a malformed 'intensity' (need finite low < high)")
     records = raw.get("records")
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: latent manifest lists no latents")
@@ -90,6 +98,11 @@ def read_latent_manifest(path: str | Path) -> dict:
         records[i] = rec
         shapes.append(shape)
     return raw
+
+
+def _finite_range(low: object, high: object) -> bool:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (low, high))
+    return numbers and low < high
 
 
 def _split_of(name: str, val_fraction: float) -> str:
@@ -346,11 +359,15 @@ class LatentDataModule(L.LightningDataModule):
             "image_size": int(shape[0]), "class_names": self.class_names, "output": "image",
             "sample_shape": self.sample_shape(),
             "latent_space": {"autoencoder": ae.get("checkpoint"), "autoencoder_sha256": ae.get("sha256"),
+                             "method": scaling.get("method", "minmax"),  # bounds sampling (DiffusionModule.bounded)
                              "shift": float(scaling["shift"]), "scale": float(scaling["scale"]),
                              "latent_channels": ae.get("latent_channels"),
                              "downsample_factor": ae.get("downsample_factor"),
                              "spacing": self.voxel_spacing(),
-                             "direction": direction, "origin": origin},
+                             "direction": direction, "origin": origin,
+                             # how the encoded volumes were scaled: generated volumes are written back in their
+                             # units (absent from manifests written before it was recorded)
+                             **({"intensity": info["intensity"]} if isinstance(info.get("intensity"), dict) else {})},
         }
 
     # -- datasets

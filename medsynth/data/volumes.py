@@ -1,18 +1,24 @@
-"""3D NIfTI volumes: JSON manifests, reading and validation, invertible intensity scaling, and the patch DataModule.
+"""3D volumes: JSON manifests, reading and validation, invertible intensity scaling, optional resampling and
+reorientation, and the patch DataModule.
 
+A volume is a NIfTI file (``.nii``/``.nii.gz``), an NRRD or MetaImage file (``.nrrd``/``.nhdr``, ``.mha``/``.mhd``)
+or a folder holding one DICOM series (read through SimpleITK and torchio; see :func:`medsynth.io.read_itk_volume`).
 A volume manifest takes one of three forms; relative paths resolve against the manifest's folder and must stay
 inside it (``../`` out of it is refused; absolute paths are taken as they are)::
 
     [{"image": "ct/a.nii.gz", "label": 1, "split": "train"}, ...]   # records; label and split are optional
-    {"brats": "volumes/brats", "ixi": "volumes/ixi"}                 # 3D MedDiffusion: every *.nii(.gz) per folder
+    {"brats": "volumes/brats", "ixi": "volumes/ixi"}                 # 3D MedDiffusion: every volume per folder
     {"0": "volumes/healthy", "1": "volumes/tumour"}                  # integer keys 0..N-1: one folder per label
 
-A volume's name is its file name without ``.nii``/``.nii.gz`` and must be unique across the manifest. Records
-without a split are divided into train and val by a hash of their name (:func:`assign_splits`).
+In the folder forms, the volumes of a folder are its volume files and its sub-folders that hold DICOM files (one
+series each). A volume's name is its file name without the suffix (a DICOM series: its folder's name) and must be
+unique across the manifest. Records without a split are divided into train and val by a hash of their name
+(:func:`assign_splits`).
 
-Volumes keep the file's voxel order and affine exactly (no reorientation, no resampling), so an output written with
-the input's affine overlays the input. Arrays are channels-first ``(C, X, Y, Z)``, ``X, Y, Z`` being the file's
-first three axes; a multi-channel volume is a 4D file with the channels on its last axis.
+By default volumes keep the file's voxel order and affine exactly (no reorientation, no resampling), so an output
+written with the input's affine overlays the input. :class:`Geometry` optionally reorients them to RAS and resamples
+them to a chosen spacing on reading; outputs then carry that geometry. Arrays are channels-first ``(C, X, Y, Z)``,
+``X, Y, Z`` being the file's first three axes; a multi-channel volume is a 4D file with the channels on its last axis.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from torchio.transforms.augmentation import RandomTransform
 from medsynth.data.base import SPLITS
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError, MedsynthError
-from medsynth.io import read_nifti
+from medsynth.io import ITK_SUFFIXES, content_kind, read_itk_volume, read_nifti
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
 RECORD_KEYS = ("image", "label", "split")
 PLANES = ((0, 1), (0, 2), (1, 2))
 
@@ -49,8 +56,8 @@ class VolumeRecord:
     """One 3D example.
 
     Attributes:
-        name: the file name without ``.nii``/``.nii.gz``; unique within a manifest.
-        image: absolute path of the NIfTI file.
+        name: the file name without its volume suffix (a DICOM series: the folder's name); unique in a manifest.
+        image: absolute path of the volume file or DICOM series folder.
         label: integer class label (>= 0), or ``None`` for unlabelled data.
         split: ``train``, ``val`` or ``test``; ``None`` leaves it to :func:`assign_splits`.
     """
@@ -65,17 +72,37 @@ class VolumeRecord:
 
 
 def volume_name(path: Path) -> Optional[str]:
-    """The name of a NIfTI file (its file name without ``.nii``/``.nii.gz``), or ``None`` for another file."""
-    for suffix in NIFTI_SUFFIXES:
+    """The name of a volume: a file's name without its suffix (:data:`VOLUME_SUFFIXES`), a DICOM series folder's
+    name; ``None`` for another file."""
+    if path.is_dir():
+        return path.name
+    for suffix in VOLUME_SUFFIXES:
         if path.name.lower().endswith(suffix) and len(path.name) > len(suffix):
             return path.name[: -len(suffix)]
     return None
 
 
+def _holds_dicom(folder: Path) -> bool:
+    """Whether a folder directly holds a DICOM file (judged by content: DICOM files often have no suffix)."""
+    for p in folder.iterdir():
+        try:
+            if not p.name.startswith(".") and p.is_file() and content_kind(p) == "dicom":
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def list_volume_files(folder: Path) -> list[Path]:
-    """The ``.nii``/``.nii.gz`` files directly inside ``folder``, sorted by name (hidden files skipped)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and volume_name(p) is not None)
+    """The volumes directly inside ``folder``, sorted by name (hidden entries skipped): volume files
+    (:data:`VOLUME_SUFFIXES`) and sub-folders holding DICOM files (one series each, checked when read)."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() and _holds_dicom(p) or p.is_file() and volume_name(p) is not None:
+            found.append(p)
+    return found
 
 
 def _resolve(manifest: Path, rel: object, where: str) -> Path:
@@ -95,7 +122,7 @@ def _resolve(manifest: Path, rel: object, where: str) -> Path:
 def _folder_records(manifest: Path, raw: dict) -> list[VolumeRecord]:
     """Records of the 3D MedDiffusion map ``{"name": "dir"}`` or class map ``{"0": "dir", "1": ...}``."""
     if not raw or not all(isinstance(v, str) for v in raw.values()):
-        raise DataError(f"{manifest}: manifest object must map names or labels to folders of .nii/.nii.gz files")
+        raise DataError(f"{manifest}: manifest object must map names or labels to folders of volumes")
     numeric = [k for k in raw if k.strip().lstrip("+-").isdigit()]
     labelled = bool(numeric)
     if labelled and len(numeric) < len(raw):
@@ -115,7 +142,8 @@ def _folder_records(manifest: Path, raw: dict) -> list[VolumeRecord]:
         folders[real] = key
         files = list_volume_files(folder)
         if not files:
-            raise DataError(f"{manifest}: folder {folder} ('{key}') holds no .nii or .nii.gz volumes")
+            raise DataError(f"{manifest}: folder {folder} ('{key}') holds no volumes ({', '.join(VOLUME_SUFFIXES)} "
+                            "files or DICOM series folders)")
         label = int(key) if labelled else None
         records += [VolumeRecord(volume_name(f), Path(os.path.abspath(f)), label) for f in files]
     return records
@@ -134,11 +162,12 @@ def _listed_records(manifest: Path, raw: list) -> list[VolumeRecord]:
         if "image" not in entry:
             raise DataError(f"{manifest}: record {i} has no 'image'")
         image = _resolve(manifest, entry["image"], f"record {i}")
+        if not image.exists():
+            raise DataError(f"{manifest}: record {i} image {image} does not exist")
         name = volume_name(image)
         if name is None:
-            raise DataError(f"{manifest}: record {i} image {image} is not a NIfTI file (.nii or .nii.gz)")
-        if not image.is_file():
-            raise DataError(f"{manifest}: record {i} image {image} does not exist")
+            raise DataError(f"{manifest}: record {i} image {image} is not a volume ({', '.join(VOLUME_SUFFIXES)} or "
+                            "a DICOM series folder)")
         label = entry.get("label")
         if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
             raise DataError(f"{manifest}: record {i} label {label!r} is not a non-negative integer")
@@ -222,22 +251,28 @@ def _shape_str(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-def read_volume(path: Union[str, Path], channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check a NIfTI volume: a channels-first float32 array ``(C, X, Y, Z)`` and its ``(4, 4)`` affine.
+def read_volume(path: Union[str, Path], channels: int = 1,
+                geometry: Optional[Geometry] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check a volume: a channels-first float32 array ``(C, X, Y, Z)`` and its ``(4, 4)`` affine (mm, RAS).
 
-    The voxel order and affine are the file's (no reorientation). Scaling (``scl_slope``/``scl_inter``) is applied.
-    A 4D file with one entry on its last axis counts as 3D; NIfTI vector data ``(X, Y, Z, 1, C)`` is accepted too.
+    Without ``geometry`` the voxel order and affine are the file's (no reorientation). NIfTI scaling
+    (``scl_slope``/``scl_inter``) and DICOM rescaling are applied. A 4D file with one entry on its last axis counts
+    as 3D; NIfTI vector data ``(X, Y, Z, 1, C)`` is accepted too.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: a ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr`` or ``.mha``/``.mhd`` file, or a DICOM series folder.
         channels: expected channels: 1 means a 3D file; more means a 4D file with ``channels`` on its last axis.
+        geometry: reorientation and resampling applied after reading (see :class:`Geometry`).
 
     Raises:
-        DataError: one line naming the file: missing, unreadable (corrupt or truncated), not 3D, a wrong channel
-            count, an empty axis, NaN or infinite intensities.
+        DataError: one line naming the file: missing, unreadable (corrupt or truncated, a broken DICOM series), not
+            3D, a wrong channel count, an empty axis, NaN or infinite intensities.
     """
     path = Path(path)
-    data, affine = read_nifti(path, "volume")
+    if path.is_dir() or path.suffix.lower() in ITK_SUFFIXES:
+        data, affine = read_itk_volume(path, "volume")
+    else:
+        data, affine = read_nifti(path, "volume")
     shape = data.shape
     if data.ndim == 5 and shape[3] == 1:  # NIfTI keeps vector (channel) data on the 5th axis
         data = data[:, :, :, 0]
@@ -261,6 +296,8 @@ def read_volume(path: Union[str, Path], channels: int = 1) -> tuple[np.ndarray, 
     bad = int(data.size - np.isfinite(data).sum())
     if bad:
         raise DataError(f"{path}: {bad} NaN or infinite intensities; replace them before training")
+    if geometry is not None:
+        data, affine = geometry.apply(data, affine)
     return np.ascontiguousarray(data), affine
 
 
@@ -277,29 +314,76 @@ def check_patch_fits(path: Union[str, Path], spatial_shape: Sequence[int],
                         "lower --data.patch_size")
 
 
-def check_volume(path: Union[str, Path], channels: int = 1,
-                 patch_size: Union[int, Sequence[int], None] = None) -> tuple[int, ...]:
-    """Read a NIfTI volume and check it is usable (see :func:`read_volume`); returns its spatial shape ``(X, Y, Z)``.
+def check_volume(path: Union[str, Path], channels: int = 1, patch_size: Union[int, Sequence[int], None] = None,
+                 geometry: Optional[Geometry] = None) -> tuple[int, ...]:
+    """Read a volume and check it is usable (see :func:`read_volume`); returns its spatial shape ``(X, Y, Z)``
+    (after ``geometry``, when given).
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: a volume file or DICOM series folder (see :func:`read_volume`).
         channels: expected channels (1: a 3D file; more: 4D with channels last).
         patch_size: side of the cubic training patch (or its 3 sides), in voxels; ``None`` skips the size check.
+        geometry: reorientation and resampling applied after reading.
 
     Raises:
         DataError: as :func:`read_volume`, or a patch larger than the volume on some axis.
     """
-    data, _ = read_volume(path, channels)
+    data, _ = read_volume(path, channels, geometry)
     spatial = tuple(int(s) for s in data.shape[1:])
     if patch_size is not None:
         check_patch_fits(path, spatial, patch_size)
     return spatial
 
 
-def _torchio_reader(path: Union[str, Path], channels: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Reader for ``tio.ScalarImage``: the checked channels-first tensor and the file's affine."""
-    data, affine = read_volume(path, channels)
+def _torchio_reader(path: Union[str, Path], channels: int,
+                    geometry: Optional[Geometry] = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Reader for ``tio.ScalarImage``: the checked channels-first tensor and its affine."""
+    data, affine = read_volume(path, channels, geometry)
     return torch.from_numpy(data), affine
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Optional reorientation and resampling of volumes as they are read, so every volume has one voxel grid
+    convention whatever the scanner wrote.
+
+    Args:
+        spacing: voxel sides in mm to resample to (``tio.Resample``; trilinear for images, nearest neighbour for
+            label maps); ``None`` keeps each file's spacing.
+        canonical: reorder and flip the voxel axes to RAS+ (``tio.ToCanonical``: the voxel axes run towards the
+            patient's Right, Anterior and Superior); a permutation and flips only, no interpolation.
+    """
+
+    spacing: Optional[tuple[float, float, float]] = None
+    canonical: bool = False
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None and (len(self.spacing) != 3
+                                         or not all(np.isfinite(v) and v > 0 for v in self.spacing)):
+            raise DataError(f"data.spacing={list(self.spacing)}: give three positive voxel sides in mm")
+
+    @property
+    def active(self) -> bool:
+        return self.spacing is not None or self.canonical
+
+    def describe(self) -> dict:
+        """What a manifest records: ``spacing`` (mm, or ``None`` for the files' own) and ``canonical`` (RAS)."""
+        return {"spacing": list(self.spacing) if self.spacing else None, "canonical": self.canonical}
+
+    def apply(self, data: np.ndarray, affine: np.ndarray, label_map: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Reorient and resample one volume ``(C, X, Y, Z)`` with its affine; returns the new array and affine."""
+        if not self.active:
+            return data, affine
+        kind = tio.LabelMap if label_map else tio.ScalarImage
+        image = kind(tensor=torch.from_numpy(np.ascontiguousarray(data)), affine=affine)
+        steps = [tio.ToCanonical()] if self.canonical else []
+        if self.spacing is not None:
+            steps.append(tio.Resample(tuple(float(v) for v in self.spacing)))
+        image = tio.Compose(steps)(image)
+        return image.data.numpy().astype(np.float32 if not label_map else data.dtype), np.asarray(image.affine)
 
 
 # ---------------------------------------------------------------------------------------------------- intensities
@@ -347,6 +431,26 @@ class Normalization:
         """Scale one volume to [-1, 1]; returns the float32 tensor (same shape) and the ``(low, high)`` used."""
         low, high = self.intensity_range(array)
         return scale_to_unit(array, low, high), (low, high)
+
+    def describe(self, ranges: Sequence[tuple[float, float]] = ()) -> dict:
+        """What a latent manifest records about this scaling, so outputs can be written back in the inputs' units.
+
+        ``low``/``high`` are what -1 and 1 stand for in volumes that have no source of their own (generated ones):
+        the CT window exactly; for ``mri`` the medians over ``ranges`` (the per-volume ranges of the encoded
+        volumes), an approximation, since each MRI volume had its own percentiles (``exact: false``).
+
+        Args:
+            ranges: the ``(low, high)`` each encoded volume was scaled with.
+        """
+        if self.mode == "ct":
+            return {"mode": "ct", "units": "HU", "window": list(self.window), "low": float(self.window[0]),
+                    "high": float(self.window[1]), "exact": True}
+        out = {"mode": "mri", "units": "arbitrary (the scanner's)", "percentiles": list(self.percentiles),
+               "exact": False}
+        if len(ranges):
+            lows, highs = np.asarray(ranges, dtype=np.float64).T
+            out.update(low=float(np.median(lows)), high=float(np.median(highs)))
+        return out
 
     @staticmethod
     def from_unit(tensor: Array, low: float, high: float) -> torch.Tensor:
@@ -441,25 +545,29 @@ class RandomRot90(RandomTransform, tio.SpatialTransform):
 class VolumeDataset(Dataset):
     """Whole volumes scaled to [-1, 1], for prediction (encoding, reconstruction, sampling shapes).
 
-    Items: ``image`` ``(C, X, Y, Z)`` float32 in [-1, 1] in the file's voxel order, ``name``, ``path`` (str),
-    ``affine`` ``(4, 4)`` float64 (the file's), ``norm_low``/``norm_high`` (the intensities -1 and 1 stand for, see
-    :meth:`Normalization.from_unit`), ``index`` (position in this dataset) and ``label`` when the records have one.
+    Items: ``image`` ``(C, X, Y, Z)`` float32 in [-1, 1] in the file's voxel order (after ``geometry``), ``name``,
+    ``path`` (str), ``affine`` ``(4, 4)`` float64 (the file's, or the resampled grid's), ``norm_low``/``norm_high``
+    (the intensities -1 and 1 stand for, see :meth:`Normalization.from_unit`), ``index`` (position in this dataset)
+    and ``label`` when the records have one.
 
     Args:
         records: the volumes, in item order.
         channels: image channels (see :func:`read_volume`).
         normalization: the intensity scaling.
+        geometry: reorientation and resampling on reading.
     """
 
-    def __init__(self, records: Sequence[VolumeRecord], channels: int, normalization: Normalization) -> None:
+    def __init__(self, records: Sequence[VolumeRecord], channels: int, normalization: Normalization,
+                 geometry: Optional[Geometry] = None) -> None:
         self.records, self.channels, self.normalization = list(records), channels, normalization
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        data, affine = read_volume(rec.image, self.channels)
+        data, affine = read_volume(rec.image, self.channels, self.geometry)
         x, (low, high) = self.normalization.to_unit(data)
         item = {"image": x, "name": rec.name, "path": str(rec.image), "affine": torch.from_numpy(affine),
                 "norm_low": low, "norm_high": high, "index": index, "split": rec.split or ""}
@@ -503,21 +611,25 @@ def _patch_item(image: torch.Tensor, label: Optional[int]) -> dict:
 
 
 class VolumeDataModule(L.LightningDataModule):
-    """3D NIfTI volumes through torchio: random cubic patches for training, fixed patches for validation.
+    """3D volumes (NIfTI, NRRD, MetaImage, DICOM series) through torchio: random cubic patches for training, fixed
+    patches for validation.
 
     Training draws ``samples_per_volume`` uniformly placed patches from each volume in turn through a
     ``tio.Queue`` (volumes loaded by ``num_workers`` processes), flipped and turned by quarter turns at random.
     Validation uses ``val_patches_per_volume`` patches per volume at positions fixed by the volume's name (held in
     memory, so validation scores compare across epochs). Prediction yields whole volumes one at a time (see
     :class:`VolumeDataset`). Intensities go to [-1, 1] per volume (see :class:`Normalization`). Every volume of
-    the splits a stage uses is read and checked in ``setup`` (one line naming the first bad file).
+    the splits a stage uses is read and checked in ``setup`` (one line naming the first bad file). With
+    ``spacing`` or ``canonical`` every volume is resampled or reoriented as it is read (see :class:`Geometry`),
+    and outputs (reconstructions, latents' affines and so generated volumes) carry that grid.
 
     Args:
         manifest: JSON volume manifest (see :mod:`medsynth.data.volumes`).
         patch_size: side in voxels of the cubic training and validation patches; every train/val volume must be at
             least this large on each axis.
         channels: image channels: 1 for 3D files; more for 4D files with the channels on the last axis.
-        normalization: ``mri`` (per-volume percentile clip) or ``ct`` (fixed HU window), mapped to [-1, 1].
+        normalization: ``mri`` (per-volume percentile clip) or ``ct`` (fixed HU window), mapped to [-1, 1]; recorded
+            in latent manifests and inverted when outputs are written (see :meth:`Normalization.describe`).
         percentiles: lower and upper percentiles (0..100) of the nonzero voxels clipped to, for ``mri``.
         ct_window: lower and upper intensities in HU clipped to, for ``ct``.
         val_fraction: fraction (0..1) of the volumes without an explicit split that goes to ``val``.
@@ -529,6 +641,9 @@ class VolumeDataModule(L.LightningDataModule):
         random_flip: flip training patches along each axis with probability 0.5.
         random_rot90: turn training patches by 0-3 quarter turns in a random plane.
         predict_split: the volumes ``predict`` yields: ``all`` of them in manifest order, or one split.
+        spacing: resample every volume on reading to these voxel sides in mm (e.g. ``[1.5, 1.5, 1.5]``); default:
+            each file's own spacing.
+        canonical: reorient every volume on reading to RAS+ voxel axes (permutation and flips, no interpolation).
     """
 
     def __init__(
@@ -548,6 +663,8 @@ class VolumeDataModule(L.LightningDataModule):
         random_flip: bool = True,
         random_rot90: bool = True,
         predict_split: Literal["all", "train", "val", "test"] = "all",
+        spacing: Optional[list[float]] = None,
+        canonical: bool = False,
     ) -> None:
         super().__init__()
         for arg, value, least in (("patch_size", patch_size, 1), ("channels", channels, 1),
@@ -568,6 +685,7 @@ class VolumeDataModule(L.LightningDataModule):
         self.manifest = Path(manifest) if manifest is not None else None
         self.patch_size, self.channels = patch_size, channels
         self.normalization = Normalization(normalization, tuple(percentiles), tuple(ct_window))
+        self.geometry = Geometry(tuple(float(v) for v in spacing) if spacing is not None else None, bool(canonical))
         self.val_fraction = val_fraction
         self.samples_per_volume, self.queue_length = samples_per_volume, queue_length
         self.val_patches_per_volume = val_patches_per_volume
@@ -609,10 +727,10 @@ class VolumeDataModule(L.LightningDataModule):
 
     def _subjects(self, records: list[VolumeRecord]) -> list[tio.Subject]:
         """Lazily loaded torchio subjects, each checked now and carrying its intensity range."""
-        reader = partial(_torchio_reader, channels=self.channels)
+        reader = partial(_torchio_reader, channels=self.channels, geometry=self.geometry)
         subjects = []
         for rec in records:
-            data, _ = read_volume(rec.image, self.channels)
+            data, _ = read_volume(rec.image, self.channels, self.geometry)
             check_patch_fits(rec.image, data.shape[1:], self.patch_size)
             low, high = self.normalization.intensity_range(data)
             fields = {"image": tio.ScalarImage(rec.image, reader=reader), "name": rec.name,
@@ -627,7 +745,7 @@ class VolumeDataModule(L.LightningDataModule):
         p = self.patch_size
         items = []
         for rec in records:
-            data, _ = read_volume(rec.image, self.channels)
+            data, _ = read_volume(rec.image, self.channels, self.geometry)
             check_patch_fits(rec.image, data.shape[1:], p)
             x, _ = self.normalization.to_unit(data)
             rng = np.random.default_rng(int(hashlib.sha1(rec.name.encode()).hexdigest()[:16], 16))
@@ -656,8 +774,8 @@ class VolumeDataModule(L.LightningDataModule):
         elif stage == "predict":
             records = self.split_records(self.predict_split)
             for rec in records:
-                check_volume(rec.image, self.channels)
-            self.datasets["predict"] = VolumeDataset(records, self.channels, self.normalization)
+                check_volume(rec.image, self.channels, geometry=self.geometry)
+            self.datasets["predict"] = VolumeDataset(records, self.channels, self.normalization, self.geometry)
 
     # -- loaders
 

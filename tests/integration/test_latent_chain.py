@@ -103,7 +103,10 @@ def test_fit_on_latents_then_generate_nifti_volumes_per_class(encoded, tmp_path)
         # the sources' axis directions (permuted, one flipped) at the chosen spacing; their origins differ: 0
         np.testing.assert_allclose(img.affine, [[0, -1.1, 0, 0], [1.2, 0, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]],
                                    atol=1e-5)
-        assert np.isfinite(img.get_fdata()).all() and np.abs(img.get_fdata()).max() <= 1.0 + 1e-6
+        # written in the sources' units: MRI-like volumes, so [-1, 1] maps to the median of their percentile ranges
+        units = json.loads((encoded["latents"] / "latents.json").read_text())["intensity"]
+        data = img.get_fdata()
+        assert np.isfinite(data).all() and units["low"] - 1e-3 <= data.min() and data.max() <= units["high"] + 1e-3
         assert provenance(files[0])["synthetic"] is True
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["synthetic"] is True and meta["num_samples"] == 4 and meta["class_names"] == ["0", "1"]

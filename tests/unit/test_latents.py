@@ -139,3 +139,19 @@ def test_a_list_of_crop_sizes_crops_each_batch_to_one_of_them(tmp_path):
     with pytest.raises(MedsynthError, match=r"data.crop_size.*\[10, 10, 10\]"):
         model.check_fit_inputs(bad)
     model.check_fit_inputs(dm)
+
+
+@pytest.mark.parametrize("method,bounded", [("std", False), ("minmax", True)])
+def test_model_args_name_the_latent_scaling_so_a_model_built_from_them_clips_only_bounded_latents(tmp_path, method,
+                                                                                                   bounded):
+    m = write_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 8, 8)})
+    info = json.loads(m.read_text())
+    info["scaling"]["method"] = method
+    m.write_text(json.dumps(info))
+    latent_space = LatentDataModule(manifest=m).model_args()["latent_space"]
+    assert latent_space["method"] == method
+    # no trainer, no datamodule attached (a model built from its saved hyperparameters): only the args tell
+    net = partial(BiFlowNet3D, channels=(8, 16), norm_num_groups=4, dit_patch=4, dit_hidden=16, dit_depth=1,
+                  dit_heads=2)
+    model = DiffusionModule(net=net, image_channels=4, image_size=8, latent_space=latent_space)
+    assert model.bounded() is bounded
