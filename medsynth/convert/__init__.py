@@ -180,7 +180,7 @@ def import_checkpoint(source: str | Path, output: str | Path, options: Optional[
     return output, imported, converter.name
 
 
-from medsynth.convert import diffusers_unet  # noqa: E402 - the converters implement the contract above
+from medsynth.convert import diffusers_unet, meddiffusion  # noqa: E402 - the converters implement the contract above
 
-CONVERTERS: list[Converter] = [*diffusers_unet.CONVERTERS]
+CONVERTERS: list[Converter] = [*diffusers_unet.CONVERTERS, *meddiffusion.CONVERTERS]
 """Every format ``medsynth import`` knows, tried in this order by :func:`find_converter`."""
