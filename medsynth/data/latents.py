@@ -11,23 +11,21 @@ their samples stay in [-1, 1].
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
+from medsynth.data.base import SPLITS, MedsynthDataModule, resolve_listed_path, split_by_name
+from medsynth.data.image2d import read_mask
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError
 from medsynth.io import check_complete, read_npy
-
-SPLITS = ("train", "val", "test")
 
 
 def read_latent_manifest(path: str | Path) -> dict:
@@ -66,9 +64,7 @@ def read_latent_manifest(path: str | Path) -> dict:
             if key in rec and rec[key] != (scaling if key == "scaling" else ae.get("sha256")):
                 raise DataError(f"{path}: record {i} ({rec['latent']}) was made with another {key.replace('_', ' ')} "
                                 "than the manifest's; encode all volumes with one autoencoder run")
-        file = Path(os.path.normpath(root / rec["latent"]))
-        if not file.is_relative_to(root):
-            raise DataError(f"{path}: record {i} path '{rec['latent']}' leaves the manifest's folder")
+        file = resolve_listed_path(path, rec["latent"], f"record {i}")
         if not file.is_file():
             raise DataError(f"{file}: latent file listed in {path} does not exist")
         if file in files:
@@ -94,7 +90,7 @@ def read_latent_manifest(path: str | Path) -> dict:
             raise DataError(f"{path}: record {i} label {rec['label']!r} is not an integer >= 0")
         rec = dict(rec, latent=str(file))
         if rec.get("mask"):
-            rec["mask"] = str(Path(os.path.normpath(root / rec["mask"])))
+            rec["mask"] = str(resolve_listed_path(path, rec["mask"], f"record {i} mask"))
         records[i] = rec
         shapes.append(shape)
     return raw
@@ -103,10 +99,6 @@ def read_latent_manifest(path: str | Path) -> dict:
 def _finite_range(low: object, high: object) -> bool:
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (low, high))
     return numbers and low < high
-
-
-def _split_of(name: str, val_fraction: float) -> str:
-    return "val" if int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction else "train"
 
 
 def random_crop(z: torch.Tensor, mask: Optional[torch.Tensor], size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -160,8 +152,6 @@ class LatentDataset(Dataset):
         item: dict = {"index": index, "name": rec["name"]}
         mask = None
         if self.num_classes > 0:
-            from medsynth.data.image2d import read_mask
-
             m = torch.from_numpy(read_mask(Path(rec["mask"]), self.num_classes).astype(np.int64))
             mask = F.interpolate(m[None, None].float(), size=z.shape[1:], mode="nearest")[0, 0].long()
             if not self.crop_size and not self.defer_crop:
@@ -199,7 +189,7 @@ class GenerationDataset(Dataset):
         return item
 
 
-class LatentDataModule(L.LightningDataModule):
+class LatentDataModule(MedsynthDataModule):
     """Latents of images or volumes (from ``latents.json``) for latent diffusion, with class labels or masks.
 
     Training reads the scaled latents (``(z - shift) * scale``), randomly cropped to ``crop_size`` latent voxels
@@ -269,7 +259,6 @@ class LatentDataModule(L.LightningDataModule):
         self.spacing = list(spacing) if spacing else None
         self.predict_split = predict_split
         self._info: Optional[dict] = None
-        self.datasets: dict[str, Dataset] = {}
 
     # -- the manifest
 
@@ -291,8 +280,8 @@ class LatentDataModule(L.LightningDataModule):
         return list(names) if names else None
 
     def records(self, split: str) -> list[dict]:
-        out = [r for r in self.info["records"] if r.get("split") or _split_of(r["name"], self.val_fraction)]
-        out = [r for r in out if (r.get("split") or _split_of(r["name"], self.val_fraction)) == split]
+        out = [r for r in self.info["records"] if r.get("split") or split_by_name(r["name"], self.val_fraction)]
+        out = [r for r in out if (r.get("split") or split_by_name(r["name"], self.val_fraction)) == split]
         if split == "val" and not out:  # a tiny set without explicit splits: validate on the training latents
             out = self.records("train")
         if not out:
@@ -388,34 +377,15 @@ class LatentDataModule(L.LightningDataModule):
         bad = [a for a in self.flip_axes if not 0 <= a < dims]
         if bad:
             raise DataError(f"data.flip_axes={self.flip_axes}: these latents have spatial axes 0..{dims - 1}")
-        if stage == "fit":
-            self.datasets["train"] = self._dataset("train", train=True)
-            self.datasets["val"] = self._dataset("val")
-        elif stage == "validate":
-            self.datasets["val"] = self._dataset("val")
-        elif stage == "test":
-            self.datasets["test"] = self._dataset("test")
-        elif stage == "predict":
-            if self.num_classes > 0:
-                self.datasets["predict"] = self._dataset(self.predict_split)
-            else:
-                self.datasets["predict"] = GenerationDataset(self.num_samples, self.class_names)
+        super().setup(stage)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        ds = self.datasets[split]
-        collate = RandomSizeCrop(self.crop_sizes) if getattr(ds, "defer_crop", False) else None
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0 and split == "train",
-                          drop_last=shuffle and len(ds) > self.batch_size)
+    def dataset(self, split: str) -> Dataset:
+        if split != "predict":
+            return self._dataset(split, train=split == "train")
+        if self.num_classes > 0:
+            return self._dataset(self.predict_split)
+        return GenerationDataset(self.num_samples, self.class_names)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+    def collate_fn(self, split: str):
+        """Training crops every batch to one of the crop sizes (:class:`RandomSizeCrop`) when several are given."""
+        return RandomSizeCrop(self.crop_sizes) if getattr(self.datasets[split], "defer_crop", False) else None
