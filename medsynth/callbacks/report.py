@@ -335,12 +335,12 @@ def _now() -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m medsynth.callbacks.report SAMPLES_DIR [--features NET.pt --real-dir REAL]``: score a folder of
+    """``python -m medsynth.metrics SAMPLES_DIR [--features NET.pt --real-dir REAL]``: score a folder of
     generated volumes (diversity, 2.5D FID) without a judge; one line on stderr and status 2 on bad input."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m medsynth.callbacks.report",
+    parser = argparse.ArgumentParser(prog="python -m medsynth.metrics",
                                      description="Score a folder of generated volumes: diversity and 2.5D FID.")
     parser.add_argument("samples_dir", type=Path, help="a `medsynth predict` output folder of NIfTI volumes")
     parser.add_argument("--features", type=Path, help="TorchScript 2D feature network (never downloaded)")
@@ -357,7 +357,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(json.dumps(result["scores"], indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

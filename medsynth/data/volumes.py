@@ -701,7 +701,7 @@ class VolumeDataModule(L.LightningDataModule):
         """Every record of the manifest, each with its split decided (read once, then cached)."""
         if self._records is None:
             if self.manifest is None:
-                raise DataError("data.manifest is not set: give a JSON manifest of NIfTI volumes")
+                raise DataError("data.manifest is not set: give a JSON manifest of volumes (NIfTI, NRRD, MetaImage, DICOM)")
             self._records = assign_splits(read_volume_manifest(self.manifest), self.val_fraction, self.manifest)
         return self._records
 

@@ -134,3 +134,13 @@ def test_the_scoring_callback_reports_2p5d_fid_for_batches_of_volumes(tmp_path, 
     result = json.loads((folder / "scores.json").read_text())
     assert set(AXES) <= set(result["scores"]) and result["num_samples"] == 4
     assert any(note.startswith("2.5D FID") for note in result["notes"])
+
+
+def test_python_m_medsynth_metrics_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "medsynth.metrics", str(tmp_path / "none")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"medsynth: error: {tmp_path / 'none'}: sample folder does not exist"]
