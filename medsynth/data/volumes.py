@@ -363,15 +363,15 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.spacing is not None and (len(self.spacing) != 3
                                          or not all(np.isfinite(v) and v > 0 for v in self.spacing)):
-            raise DataError(f"data.spacing={list(self.spacing)}: give three positive voxel sides in mm")
+            raise DataError(f"data.target_spacing={list(self.spacing)}: give three positive voxel sides in mm")
 
     @property
     def active(self) -> bool:
         return self.spacing is not None or self.canonical
 
     def describe(self) -> dict:
-        """What a manifest records: ``spacing`` (mm, or ``None`` for the files' own) and ``canonical`` (RAS)."""
-        return {"spacing": list(self.spacing) if self.spacing else None, "canonical": self.canonical}
+        """What a manifest records: ``target_spacing`` (mm, or ``None`` for the files' own) and ``canonical``."""
+        return {"target_spacing": list(self.spacing) if self.spacing else None, "canonical": self.canonical}
 
     def apply(self, data: np.ndarray, affine: np.ndarray, label_map: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Reorient and resample one volume ``(C, X, Y, Z)`` with its affine; returns the new array and affine."""
@@ -620,7 +620,7 @@ class VolumeDataModule(L.LightningDataModule):
     memory, so validation scores compare across epochs). Prediction yields whole volumes one at a time (see
     :class:`VolumeDataset`). Intensities go to [-1, 1] per volume (see :class:`Normalization`). Every volume of
     the splits a stage uses is read and checked in ``setup`` (one line naming the first bad file). With
-    ``spacing`` or ``canonical`` every volume is resampled or reoriented as it is read (see :class:`Geometry`),
+    ``target_spacing`` or ``canonical`` every volume is resampled or reoriented as it is read (see :class:`Geometry`),
     and outputs (reconstructions, latents' affines and so generated volumes) carry that grid.
 
     Args:
@@ -641,8 +641,8 @@ class VolumeDataModule(L.LightningDataModule):
         random_flip: flip training patches along each axis with probability 0.5.
         random_rot90: turn training patches by 0-3 quarter turns in a random plane.
         predict_split: the volumes ``predict`` yields: ``all`` of them in manifest order, or one split.
-        spacing: resample every volume on reading to these voxel sides in mm (e.g. ``[1.5, 1.5, 1.5]``); default:
-            each file's own spacing.
+        target_spacing: resample every volume on reading to these voxel sides in mm (e.g. ``[1.5, 1.5, 1.5]``);
+            default: each file's own spacing.
         canonical: reorient every volume on reading to RAS+ voxel axes (permutation and flips, no interpolation).
     """
 
@@ -663,7 +663,7 @@ class VolumeDataModule(L.LightningDataModule):
         random_flip: bool = True,
         random_rot90: bool = True,
         predict_split: Literal["all", "train", "val", "test"] = "all",
-        spacing: Optional[list[float]] = None,
+        target_spacing: Optional[list[float]] = None,
         canonical: bool = False,
     ) -> None:
         super().__init__()
@@ -685,7 +685,8 @@ class VolumeDataModule(L.LightningDataModule):
         self.manifest = Path(manifest) if manifest is not None else None
         self.patch_size, self.channels = patch_size, channels
         self.normalization = Normalization(normalization, tuple(percentiles), tuple(ct_window))
-        self.geometry = Geometry(tuple(float(v) for v in spacing) if spacing is not None else None, bool(canonical))
+        self.geometry = Geometry(tuple(float(v) for v in target_spacing) if target_spacing is not None else None,
+                                 bool(canonical))
         self.val_fraction = val_fraction
         self.samples_per_volume, self.queue_length = samples_per_volume, queue_length
         self.val_patches_per_volume = val_patches_per_volume
@@ -701,7 +702,7 @@ class VolumeDataModule(L.LightningDataModule):
         """Every record of the manifest, each with its split decided (read once, then cached)."""
         if self._records is None:
             if self.manifest is None:
-                raise DataError("data.manifest is not set: give a JSON manifest of NIfTI volumes")
+                raise DataError("data.manifest is not set: give a JSON manifest of volumes (NIfTI, NRRD, MetaImage, DICOM)")
             self._records = assign_splits(read_volume_manifest(self.manifest), self.val_fraction, self.manifest)
         return self._records
 

@@ -205,7 +205,7 @@ def test_resampling_applies_to_dicom_as_to_nifti(scans):
     items = {}
     for fmt in ("dicom", "nii.gz"):
         dm = VolumeDataModule(manifest=manifests[fmt], normalization="ct", patch_size=8, num_workers=0,
-                              spacing=[1.5, 1.5, 1.5], canonical=True)
+                              target_spacing=[1.5, 1.5, 1.5], canonical=True)
         dm.setup("predict")
         items[fmt] = dm.datasets["predict"][0]
     np.testing.assert_allclose(items["dicom"]["affine"], items["nii.gz"]["affine"], atol=1e-4)

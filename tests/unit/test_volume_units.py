@@ -91,8 +91,8 @@ def test_resampling_gives_the_asked_spacing_over_the_same_extent():
     assert out.shape == (1, 8, 8, 16)
     np.testing.assert_allclose(np.linalg.norm(new_affine[:3, :3], axis=0), [2.0, 2.0, 2.0])
     assert out.min() >= AIR - 1e-3 and out.max() <= BONE + 1e-3  # linear interpolation stays within the data
-    with pytest.raises(DataError, match=r"data.spacing=\[1.0, 0.0, 1.0\]"):
-        VolumeDataModule(spacing=[1.0, 0.0, 1.0])
+    with pytest.raises(DataError, match=r"data.target_spacing=\[1.0, 0.0, 1.0\]"):
+        VolumeDataModule(target_spacing=[1.0, 0.0, 1.0])
 
 
 def test_the_datamodule_resamples_and_reorients_what_it_yields(tmp_path):
@@ -101,7 +101,7 @@ def test_the_datamodule_resamples_and_reorients_what_it_yields(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps([{"image": "a.nii.gz", "split": "train"},
                                                  {"image": "b.nii.gz", "split": "val"}]))
     dm = VolumeDataModule(manifest=tmp_path / "m.json", normalization="ct", patch_size=8, num_workers=0,
-                          spacing=[2.0, 2.0, 2.0], canonical=True)
+                          target_spacing=[2.0, 2.0, 2.0], canonical=True)
     dm.setup("predict")
     item = dm.datasets["predict"][0]
     affine = item["affine"].numpy()
@@ -138,7 +138,7 @@ def test_latent_manifest_records_the_units_and_generated_volumes_are_written_in_
             "norm_low": torch.tensor([low]), "norm_high": torch.tensor([high])}, None, None, i)
     writer.on_predict_end(trainer, ae)
     info = read_latent_manifest(tmp_path / "latents" / "latents.json")
-    assert info["geometry"] == {"spacing": [2.0, 2.0, 2.0], "canonical": True}
+    assert info["geometry"] == {"target_spacing": [2.0, 2.0, 2.0], "canonical": True}
     assert {r["name"]: tuple(r["intensity_range"]) for r in info["records"]} == ranges
     expected = (-1000.0, 1000.0) if mode == "ct" else (10.0, 500.0)  # MRI: the medians of the volumes' ranges
     assert (info["intensity"]["low"], info["intensity"]["high"]) == expected
@@ -218,7 +218,7 @@ def test_ct_round_trip_reconstructs_in_hounsfield_units_on_the_asked_grid(tmp_pa
     # a perfect autoencoder gives the input back exactly, in HU, resampled and reoriented as asked
     monkeypatch.setattr(AutoencoderModule, "reconstruct", lambda self, x: x)
     main(["predict", *AE, "--ckpt_path", str(ae), "--data.manifest", str(manifest), "--output_dir",
-          str(tmp_path / "exact"), "--data.spacing", "[2.4, 2.2, 1.5]", "--data.canonical", "true"])
+          str(tmp_path / "exact"), "--data.target_spacing", "[2.4, 2.2, 1.5]", "--data.canonical", "true"])
     out = nib.load(tmp_path / "exact" / "a.nii.gz")
     assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
     np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :3], axis=0), [2.4, 2.2, 1.5], atol=1e-6)
@@ -243,7 +243,7 @@ def test_ct_latent_chain_records_hu_in_latents_json_and_samples_come_out_in_hu(t
     main(["predict", *ENCODE, "--ckpt_path", str(ae), "--data.manifest", str(manifest), "--output_dir", str(latents)])
     info = json.loads((latents / "latents.json").read_text())
     assert info["intensity"]["units"] == "HU" and (info["intensity"]["low"], info["intensity"]["high"]) == (AIR, 1000)
-    assert info["geometry"] == {"spacing": None, "canonical": False}
+    assert info["geometry"] == {"target_spacing": None, "canonical": False}
     assert all(r["intensity_range"] == [AIR, 1000.0] for r in info["records"])
     main(["fit", *LDM, "--data.manifest", str(latents / "latents.json"), "--trainer.default_root_dir",
           str(tmp_path / "ldm")])
