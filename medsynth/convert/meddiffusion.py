@@ -350,7 +350,9 @@ class PatchVolumeConverter(_FileConverter):
         return Imported(
             model={"class_path": "medsynth.modules.AutoencoderModule", "init_args": init_args},
             state_dict={dst: state[src].clone() for src, dst in mapping.items()},
-            data={"class_path": "medsynth.data.VolumeDataModule", "init_args": {"patch_size": patch}},
+            # the original trains on volumes stored in [0, 1] and maps them linearly to [-1, 1]
+            data={"class_path": "medsynth.data.VolumeDataModule",
+                  "init_args": {"patch_size": patch, "normalization": "ct", "ct_window": [0.0, 1.0]}},
             notes=notes,
         )
 

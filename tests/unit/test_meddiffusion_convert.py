@@ -76,6 +76,8 @@ def test_patch_volume_checkpoint_round_trips(tmp_path):
     assert imported.model["class_path"] == "medsynth.modules.AutoencoderModule"
     assert args["net"]["init_args"] == {**AE_ARGS, "decay": 0.99, "commitment_weight": 0.25, "dead_code_threshold": 1.0}  # the architecture read back from names, shapes and the config
     assert args["image_size"] == args["predict_patch_size"] == 16  # the patches it was trained and encodes on
+    # the original's volumes are stored in [0, 1] and mapped linearly to [-1, 1]
+    assert imported.data["init_args"] == {"patch_size": 16, "normalization": "ct", "ct_window": [0.0, 1.0]}
     assert not any(k.startswith("net.volume") or "discriminator" in k for k in imported.state_dict)
     assert any("4x" in note and "stage 2" in note for note in imported.notes)
     assert any("ae3d_stage2.yaml --model.init_from" in note for note in imported.notes)

@@ -173,3 +173,30 @@ def test_cosine_schedule_with_the_originals_beta_cap():
     assert ours[-1] == pytest.approx(float(expected[-1]), rel=1e-3)  # the cap shows at the last step only
     default = DDPMObjective(beta_schedule="squaredcos_cap_v2").alphas_cumprod
     assert torch.equal(default[:-1], ours[:-1]) and default[-1] > 5 * ours[-1]
+
+
+def test_the_biflownet_recipe_trains_with_the_originals_settings(tmp_path):
+    """The recipe's training settings (Adam without decay, constant lr, L1 on epsilon with the 0.9999 beta cap, the
+    EMA schedule) reach the run; the net is shrunk by overrides to keep this quick."""
+    from medsynth.cli import main
+    from tests.unit.test_latents import write_latents
+
+    manifest = write_latents(tmp_path / "latents", {"a": (8, 8, 8), "b": (8, 8, 8)}, channels=4,
+                             labels={"a": 0, "b": 1}, class_names=["x", "y"])
+    run = tmp_path / "run"
+    main(["fit", "--config", str(ROOT / "configs/biflownet3d.yaml"), "--config", str(EXPERIMENTS / "biflownet3d_meddiffusion.yaml"),
+          "--model.net.init_args.channels", "[24, 24, 48]", "--model.net.init_args.dit_hidden", "24",
+          "--model.net.init_args.attention_levels", "[2]", "--data.manifest", str(manifest), "--data.batch_size", "2",
+          "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(run)])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    assert hp["objective"]["init_args"]["loss"] == "l1" and hp["objective"]["init_args"]["max_beta"] == 0.9999
+    assert hp["optimizer"]["class_path"] == "torch.optim.Adam" and hp["lr_schedule"] == "constant"
+    assert hp["net"]["init_args"]["variant"] == "meddiffusion"
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.0
+    assert any("EMA" in k for k in ckpt["callbacks"]), "the recipe's EMA callback did not run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    ema = [c["init_args"] for c in resolved["trainer"]["callbacks"] if c["class_path"].endswith(".EMA")]
+    assert ema == [{**ema[0], "decay": 0.995, "warmup": False, "update_every_n_steps": 10,
+                    "update_starting_at_step": 2000}]
