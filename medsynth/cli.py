@@ -73,9 +73,6 @@ MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensit
 """Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
 DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
 """Where the data lives: taken from the checkpoint only when not given on the command line."""
-PREDICT_TIME_MODEL_ARGS = ("sampler", "sample_seed", "guidance_scale", "predict_output", "latent_scaling",
-                           "autoencoder", "decode_tile")
-"""Model arguments that ``predict --ckpt_path`` takes from the command line/config, not from the checkpoint."""
 NEEDS_WEIGHTS = ("predict", "validate", "test", "export")
 """Subcommands that use trained weights: they refuse to run without ``--ckpt_path`` (never an untrained model)."""
 STAGES = {"fit": "fit", "lr_find": "fit", "validate": "validate", "test": "test", "predict": "predict"}
@@ -458,15 +455,22 @@ def _set_up_early(datamodule: LightningDataModule, stage: str) -> None:
     datamodule.setup = _SetUpOnce(datamodule.setup, stage)
 
 
-def _is_subclass(class_path: Optional[str], base: type) -> bool:
-    """Whether the class named by a config's ``class_path`` derives from ``base`` (False if it cannot be found)."""
-    if not class_path or "." not in class_path:
-        return False
+def _class_of(class_path: Optional[str]) -> Optional[type]:
+    """The class a config's ``class_path`` names (``None`` if it cannot be found)."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
     module, _, name = class_path.rpartition(".")
     try:
-        return issubclass(getattr(importlib.import_module(module), name), base)
-    except (ImportError, AttributeError, TypeError):
-        return False
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if inspect.isclass(cls) else None
+
+
+def _is_subclass(class_path: Optional[str], base: type) -> bool:
+    """Whether the class named by a config's ``class_path`` derives from ``base`` (False if it cannot be found)."""
+    cls = _class_of(class_path)
+    return cls is not None and issubclass(cls, base)
 
 
 class MedsynthCLI(LightningCLI):
@@ -580,8 +584,9 @@ class MedsynthCLI(LightningCLI):
         if sub == "predict":
             model = self.config[sub].get("model")
             init = model.get("init_args") if model is not None else None
-            if init is not None:
-                keep = {k: init.get(k) for k in PREDICT_TIME_MODEL_ARGS if k in init}
+            if init is not None:  # what the model class declares a choice of each sampling run (DeclaresPredictArgs)
+                names = getattr(_class_of(model.get("class_path")), "predict_time_args", ())
+                keep = {k: init.get(k) for k in names if k in init}
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path in ("last", "best"):
             ckpt_path = self._resolve_named_checkpoint(sub, ckpt_path)

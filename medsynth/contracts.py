@@ -8,7 +8,7 @@ attribute names. See docs/architecture.md and docs/extending.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -85,3 +85,10 @@ class WritesPredictions(Protocol):
     def prediction_writer(self, output_dir: Path, metadata: dict):
         """The ``BasePredictionWriter`` that writes this module's predictions under ``output_dir``, with
         ``metadata`` (checkpoint, run config) recorded beside them."""
+
+
+class DeclaresPredictArgs(Protocol):
+    """A module class whose some arguments are chosen anew at every ``predict`` (a sampler, a seed), not taken
+    from the checkpoint as the architecture is: ``predict --ckpt_path`` keeps these from the command line."""
+
+    predict_time_args: ClassVar[tuple[str, ...]]

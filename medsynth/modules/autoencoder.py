@@ -90,6 +90,9 @@ class AutoencoderModule(L.LightningModule):
             mean and unit variance (Rombach et al., 2022).
     """
 
+    predict_time_args = ("predict_output", "latent_scaling")
+    """Chosen at each ``predict`` (reconstruct or encode), not taken from the checkpoint."""
+
     def __init__(
         self,
         net: Optional[nn.Module] = None,

@@ -89,6 +89,9 @@ class DiffusionModule(L.LightningModule):
             step count start afresh; resuming with ``--ckpt_path`` restores that checkpoint instead.
     """
 
+    predict_time_args = ("sampler", "sample_seed", "guidance_scale", "autoencoder", "decode_tile")
+    """Chosen at each ``predict``, not taken from the checkpoint (see :class:`~medsynth.contracts.DeclaresPredictArgs`)."""
+
     def __init__(
         self,
         net: Optional[NetFactory] = None,
