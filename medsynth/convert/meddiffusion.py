@@ -98,13 +98,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return type(name, (_Inert,), {"__module__": f"inert.{module}"})
 
 
-_restricted_pickle = types.SimpleNamespace(__name__="medsynth_restricted_pickle", Unpickler=_RestrictedUnpickler,
-                                           load=pickle.load)
+_restricted_pickle = types.SimpleNamespace(
+    __name__="medsynth_restricted_pickle", Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),  # torch's legacy format reads headers
+)
 
 
 @lru_cache(maxsize=2)
 def _load_cached(path: str, mtime_ns: int, size: int) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=True)
+    import zipfile
+
+    # memory-mapped where the file is torch's zip format (large checkpoints are then read lazily)
+    mmap = zipfile.is_zipfile(path)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap)
 
 
 def load_foreign_checkpoint(path: Path) -> Any:

@@ -153,6 +153,16 @@ def imported_autoencoder(folder: Path):
     return ae, path
 
 
+def test_a_checkpoint_in_torchs_legacy_format_converts(tmp_path):
+    path = tmp_path / "legacy.pt"
+    _, state = biflownet_state(0)
+    torch.save({"model": state, "ema": state, "args": argparse.Namespace(resolution=[8, 8, 8])}, path,
+               _use_new_zipfile_serialization=False)
+    assert BiFlowNetConverter().detect(path)
+    imported = BiFlowNetConverter().convert(path, ImportOptions())
+    assert torch.equal(imported.state_dict["net.conv_in.weight"], state["init_conv.weight"])
+
+
 def test_biflownet_latents_are_scaled_by_the_imported_autoencoders_codebook(tmp_path):
     ae, ae_ckpt = imported_autoencoder(tmp_path)
     write_biflownet(tmp_path / "model.pt")
@@ -243,3 +253,26 @@ def test_imported_models_generate_class_conditional_volumes(tmp_path):
     assert volumes.shape == (2, 1, 32, 32, 64)  # the latent [8, 8, 16] decoded at 4x
     assert volumes.abs().max() <= 1 and not torch.equal(volumes[0], volumes[1])  # same noise, another class
     assert out["label"].tolist() == [0, 2]
+
+
+class _Payload:
+    """Unpickling this calls ``pathlib.Path.touch`` on a marker file, unless the unpickler refuses the call."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_reading_a_checkpoint_never_calls_what_it_names(tmp_path):
+    marker = tmp_path / "called"
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": _Payload(marker), "ema": {}, "args": None}, path)
+    for converter in CONVERTERS:
+        assert not converter.detect(path)
+        with pytest.raises(MedsynthError, match=f"{path}: not a"):  # an unreadable or a foreign checkpoint
+            converter.convert(path, ImportOptions())
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the plain loader would have called it
+    assert marker.exists()
