@@ -86,3 +86,10 @@ def test_the_installed_import_refuses_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert run("import", "--source", source) == 2
     assert capsys.readouterr().err.strip() == "medsynth: error: import: the following arguments are required: --output"
+
+
+def test_help_lists_import(capsys):
+    assert run("--help") == 0
+    assert "import" in capsys.readouterr().out.split("Available subcommands:")[1]
+    assert run("import", "--help") == 0
+    assert "--num_classes" in capsys.readouterr().out
