@@ -14,7 +14,6 @@ from medsynth.convert import CONVERTERS, ImportOptions, find_converter, import_c
 from medsynth.convert.diffusers_unet import DiffusersUNetConverter
 from medsynth.errors import MedsynthError
 from medsynth.modules import DiffusionModule
-from medsynth.modules.diffusion import sample_generators
 from medsynth.modules.loading import check_checkpoint, load_module
 
 
@@ -164,6 +163,7 @@ def tiny_module(**kw) -> DiffusionModule:
 ])
 def test_export_records_what_the_reference_cannot_sample_and_imports_back_exactly(tmp_path, settings, problem):
     from medsynth.diffusion import DDIMSampler, DDPMObjective, EulerSampler, RectifiedFlowObjective
+    from medsynth.modules.diffusion import sample_generators
 
     settings = dict(settings)
     kind = settings.pop("objective", None)
