@@ -7,8 +7,8 @@ image with the mask concatenated as ONE channel holding ``k / 255`` (medsynth's 
 trained with epsilon prediction on 1000 linear DDPM steps, and are sampled with DDIM, 50 steps, eta 0. The class
 count is in no file it writes, so a mask-guided one needs ``--num_classes K``.
 
-A ``medsynth export`` folder records its model's settings under ``medsynth`` in ``unet/config.json``; those are
-used as they are (one-hot masks, other objectives), so export and import round-trip.
+A ``medsynth export`` folder records its model's settings under ``medsynth`` (or ``_medsynth``) in
+``unet/config.json``; those are used as they are (one-hot masks, other objectives), so export and import round-trip.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from medsynth.errors import MedsynthError
 
 UNET_CLASS = "UNet2DModel"
 EXPORT_KEY = "medsynth"
-"""The key of ``unet/config.json`` under which ``medsynth export`` records the model's settings."""
+"""The key of ``unet/config.json`` under which ``medsynth export`` records the model's settings (``_medsynth`` when
+the reference pipeline samples the export correctly)."""
 REFERENCE_OBJECTIVE = {"class_path": "medsynth.diffusion.DDPMObjective",
                        "init_args": {"prediction_type": "epsilon", "num_train_timesteps": 1000,
                                      "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}}
@@ -70,16 +71,21 @@ class DiffusersUNetConverter:
         config = _read_config(config_path)
         if config.get("_class_name") != UNET_CLASS:
             raise MedsynthError(f"{config_path}: a {config.get('_class_name')!r}, not a diffusers {UNET_CLASS}")
-        if options.autoencoder is not None:
-            raise MedsynthError(f"--autoencoder: {source} is a pixel-space UNet, which decodes with no autoencoder")
         notes: list[str] = []
-        exported = config.get(EXPORT_KEY) if isinstance(config.get(EXPORT_KEY), dict) else None
+        records = [config.get(k) for k in (EXPORT_KEY, "_" + EXPORT_KEY) if isinstance(config.get(k), dict)]
+        exported = records[0] if records else None
         image_channels = int(config.get("out_channels", 3))
         mask_channels = int(config.get("in_channels", 3)) - image_channels
         if exported is not None:
             settings = self._exported_settings(config_path, exported, mask_channels, options)
         else:
             settings = self._reference_settings(config_path, config, mask_channels, options, notes)
+        if options.autoencoder is not None:
+            if not settings.get("latent_space"):
+                raise MedsynthError(f"--autoencoder: {source} is a pixel-space UNet, which decodes with no "
+                                    "autoencoder")
+            # the exported latent model decodes with this file (checked against its recorded SHA-256 at sampling)
+            settings["latent_space"] = {**settings["latent_space"], "autoencoder": str(options.autoencoder)}
         num_class_embeds = config.get("num_class_embeds")
         if num_class_embeds is not None and not settings.get("class_names"):
             raise MedsynthError(f"{config_path}: a class-conditional UNet (num_class_embeds={num_class_embeds}) of the "

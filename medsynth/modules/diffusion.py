@@ -425,10 +425,12 @@ class DiffusionModule(L.LightningModule):
         }
 
     def export_diffusers(self, folder: str | Path) -> Path:
-        """Write a diffusers pipeline folder: ``unet/`` (the net, with :meth:`export_record` under ``medsynth`` in its
-        ``config.json``), ``scheduler/`` (the objective's noise process and prediction type: DDIM over the DDPM
-        schedule, or flow-matching Euler for rectified flow) and ``model_index.json``. Each part is written whole
-        beside its place, then swapped in.
+        """Write a diffusers pipeline folder: ``unet/`` (the net, with :meth:`export_record` in its ``config.json``,
+        under ``medsynth`` when the reference pipeline samples it wrongly, which diffusers then prints whenever it
+        loads the net, else under ``_medsynth``), ``scheduler/`` (the objective's noise process and prediction type: DDIM over the DDPM
+        schedule, or flow-matching Euler for rectified flow) and ``model_index.json`` (``DDIMPipeline`` for unconditional
+        nets, which diffusers loads and samples; ``SegGuidedDDIMPipeline`` for mask-guided ones, as the reference
+        names its own folders). Each part is written whole beside its place, then swapped in.
 
         The caller decides whether an export the reference pipeline would sample wrongly may be written
         (:meth:`reference_incompatibilities`); such an export says so in its ``reference_pipeline`` record.
@@ -444,10 +446,14 @@ class DiffusionModule(L.LightningModule):
         else:
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**self.objective.scheduler_config(),
                                                                   shift=float(getattr(self.sampler, "shift", 1.0)))
+        if not diffusion:  # no diffusers pipeline samples it: loading the whole pipeline fails instead of misleading
+            pipeline = "DiffusionPipeline"
+        elif self.conditional:  # as the reference saves mask-guided nets (its own class, built around unet/)
+            pipeline = "SegGuidedDDIMPipeline"
+        else:  # what the reference samples unconditional nets with, and diffusers loads and samples
+            pipeline = "DDIMPipeline"
         index = {
-            # a pipeline class that samples this scheduler with an unconditional net (rectified flow has none in
-            # diffusers: loading the whole pipeline then fails loudly instead of sampling wrongly)
-            "_class_name": "DDIMPipeline" if diffusion else "DiffusionPipeline",
+            "_class_name": pipeline,
             "_diffusers_version": diffusers.__version__,
             "scheduler": ["diffusers", type(scheduler).__name__],
             "unet": ["diffusers", "UNet2DModel"],
@@ -456,7 +462,10 @@ class DiffusionModule(L.LightningModule):
         def write_unet(tmp: Path) -> None:
             self.net.save_pretrained(tmp, sample_size=self.image_size)
             config = json.loads((tmp / "config.json").read_text())
-            config[EXPORT_RECORD_KEY] = self.export_record()
+            record = self.export_record()
+            # diffusers drops "_" keys silently but prints any other key it does not know on every load: an export
+            # the reference pipeline samples wrongly says so to whoever loads it
+            config[EXPORT_RECORD_KEY if record["reference_pipeline"] != "compatible" else "_" + EXPORT_RECORD_KEY] = record
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
         _replace_whole(folder / "unet", write_unet)
@@ -467,7 +476,8 @@ class DiffusionModule(L.LightningModule):
 
 
 EXPORT_RECORD_KEY = "medsynth"
-"""The key of an exported ``unet/config.json`` holding :meth:`DiffusionModule.export_record`."""
+"""The key of an exported ``unet/config.json`` holding :meth:`DiffusionModule.export_record` (``_medsynth`` when the
+reference pipeline samples the export correctly)."""
 _REFERENCE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                        "prediction_type": "epsilon"}
 """The noise process the segmentation-guided project's pipelines assume (``DDIMScheduler(num_train_timesteps=1000)``)."""

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DiffusionPipeline
+from diffusers import DDIMScheduler, UNet2DModel
 
 from tests.conftest import make_seg_dataset
 from tests.integration.test_cli import BASE, data_args, run
@@ -45,10 +45,11 @@ def test_export_import_predict_gives_the_original_samples(round_trip, capsys):
     assert record["num_classes"] == 3 and record["mask_encoding"] == "one_hot"
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == "epsilon"
-    pipe = DiffusionPipeline.from_pretrained(str(out))  # offline, as diffusers users load it
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "SegGuidedDDIMPipeline"
+    unet = UNet2DModel.from_pretrained(str(out), subfolder="unet")  # offline, as the reference's users load it
     state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
-    assert isinstance(pipe, DDIMPipeline)
-    assert torch.equal(pipe.unet.conv_in.weight, state["net.unet.conv_in.weight"])
+    assert torch.equal(unet.conv_in.weight, state["net.unet.conv_in.weight"])
+    assert DDIMScheduler.from_pretrained(str(out), subfolder="scheduler").config.num_train_timesteps == 1000
 
     imported = tmp_path / "imported.ckpt"
     assert run("import", "--source", out, "--output", imported) == 0  # the export's record answers --num_classes
@@ -85,3 +86,10 @@ def test_the_installed_import_refuses_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert run("import", "--source", source) == 2
     assert capsys.readouterr().err.strip() == "medsynth: error: import: the following arguments are required: --output"
+
+
+def test_help_lists_import(capsys):
+    assert run("--help") == 0
+    assert "import" in capsys.readouterr().out.split("Available subcommands:")[1]
+    assert run("import", "--help") == 0
+    assert "--num_classes" in capsys.readouterr().out

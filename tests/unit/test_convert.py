@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline, UNet2DModel
 
 from medsynth.convert import CONVERTERS, ImportOptions, find_converter, import_checkpoint
 from medsynth.convert.diffusers_unet import DiffusersUNetConverter
@@ -91,6 +91,8 @@ def test_unconditional_unet_needs_no_flag_and_refuses_one(tmp_path):
     source = save_reference(tmp_path / "pipe", reference_unet(in_channels=1))
     with pytest.raises(MedsynthError, match="unconditional UNet"):
         import_checkpoint(source, tmp_path / "a.ckpt", ImportOptions(num_classes=3))
+    with pytest.raises(MedsynthError, match="--autoencoder: .* pixel-space UNet"):
+        import_checkpoint(source, tmp_path / "a.ckpt", ImportOptions(autoencoder=tmp_path / "ae.ckpt"))
     _, imported, _ = import_checkpoint(source, tmp_path / "b.ckpt")
     assert imported.model["init_args"]["num_classes"] == 0
     assert any("no scheduler/" in n for n in imported.notes)  # the assumed noise process is said
@@ -161,6 +163,7 @@ def tiny_module(**kw) -> DiffusionModule:
 ])
 def test_export_records_what_the_reference_cannot_sample_and_imports_back_exactly(tmp_path, settings, problem):
     from medsynth.diffusion import DDIMSampler, DDPMObjective, EulerSampler, RectifiedFlowObjective
+    from medsynth.modules.diffusion import sample_generators
 
     settings = dict(settings)
     kind = settings.pop("objective", None)
@@ -172,17 +175,27 @@ def test_export_records_what_the_reference_cannot_sample_and_imports_back_exactl
     problems = module.reference_incompatibilities()
     assert (problem is None and problems == []) or (problem is not None and problem in "; ".join(problems))
     out = module.export_diffusers(tmp_path / "export")
-    record = json.loads((out / "unet" / "config.json").read_text())["medsynth"]
-    assert record["reference_pipeline"] == "compatible" if problem is None else record["reference_pipeline"].startswith(
-        "INCOMPATIBLE")
+    config = json.loads((out / "unet" / "config.json").read_text())
+    if problem is None:  # kept out of what diffusers prints on loading
+        assert "medsynth" not in config and config["_medsynth"]["reference_pipeline"] == "compatible"
+    else:  # diffusers prints keys it does not know whenever it loads the net: the warning reaches its users
+        assert "_medsynth" not in config and config["medsynth"]["reference_pipeline"].startswith("INCOMPATIBLE")
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     index = json.loads((out / "model_index.json").read_text())
     if kind == "flow":
         assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 2.0
         assert index["_class_name"] == "DiffusionPipeline"  # no diffusers pipeline samples it: loading fails loudly
     else:
-        assert scheduler["_class_name"] == "DDIMScheduler" and index["_class_name"] == "DDIMPipeline"
+        assert scheduler["_class_name"] == "DDIMScheduler"
         assert scheduler["prediction_type"] == module.objective.prediction_type
+        assert index["_class_name"] == ("SegGuidedDDIMPipeline" if module.conditional else "DDIMPipeline")
+    if not module.conditional and kind is None:  # diffusers loads it offline and samples what medsynth samples
+        pipe = DiffusionPipeline.from_pretrained(str(out))
+        assert isinstance(pipe, DDIMPipeline)
+        theirs = pipe(batch_size=2, generator=sample_generators(0, [0, 1]), num_inference_steps=3,
+                      output_type="np").images
+        mine = (module.sample(indices=[0, 1], sampler=DDIMSampler(3)) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        assert abs(torch.from_numpy(theirs) - mine).max() < 1e-4
 
     _, imported, _ = import_checkpoint(out, tmp_path / "x.ckpt")  # no flag: the record tells
     loaded = load_module(tmp_path / "x.ckpt")
