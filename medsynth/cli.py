@@ -586,7 +586,7 @@ class MedsynthCLI(LightningCLI):
             init = model.get("init_args") if model is not None else None
             if init is not None:  # what the model class declares a choice of each sampling run (DeclaresPredictArgs)
                 names = getattr(_class_of(model.get("class_path")), "predict_time_args", ())
-                keep = {k: init.get(k) for k in names if k in init}
+                keep = {k: init[k] for k in names if init.get(k) is not None}  # unset: the checkpoint's
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path in ("last", "best"):
             ckpt_path = self._resolve_named_checkpoint(sub, ckpt_path)

@@ -62,7 +62,7 @@ class MedsynthDataModule(L.LightningDataModule):
 
     Subclasses set ``batch_size`` and ``num_workers`` (their constructor arguments) and implement
     :meth:`dataset` and :meth:`model_args`; they may override :meth:`check_stage` (checks across the datasets of
-    a stage), :meth:`collate_fn` and :attr:`persistent_splits`.
+    a stage), :meth:`collate_fn`, :meth:`loader_options` and :attr:`persistent_splits`.
     """
 
     persistent_splits: tuple[str, ...] = ("train", "val")
@@ -100,20 +100,23 @@ class MedsynthDataModule(L.LightningDataModule):
         """How the loader of ``split`` joins items into a batch (``None``: PyTorch's default)."""
         return None
 
-    def loader(self, split: str) -> DataLoader:
-        """The DataLoader of ``split``: training shuffles and drops a last partial batch (when there is more than
-        one batch), the others keep order and every item."""
-        ds = self.datasets[split]
+    def loader_options(self, split: str) -> dict:
+        """The DataLoader arguments of ``split``: training shuffles and drops a last partial batch (when there is
+        more than one batch), the others keep order and every item. Batch size by keyword, as Lightning needs to
+        re-create loaders."""
         train = split == "train"
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(ds) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and split in self.persistent_splits,
-            collate_fn=self.collate_fn(split),
-        )
+        return {
+            "batch_size": self.batch_size,
+            "shuffle": train,
+            "drop_last": train and len(self.datasets[split]) > self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0 and split in self.persistent_splits,
+            "collate_fn": self.collate_fn(split),
+        }
+
+    def loader(self, split: str) -> DataLoader:
+        """The DataLoader of ``split`` (see :meth:`loader_options`)."""
+        return DataLoader(self.datasets[split], **self.loader_options(split))
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

@@ -30,15 +30,14 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
-import lightning as L
 import numpy as np
 import torch
 import torchio as tio
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchio.transforms.augmentation import RandomTransform
 
-from medsynth.data.base import SPLITS
+from medsynth.data.base import SPLITS, MedsynthDataModule, name_fraction, resolve_listed_path
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError, MedsynthError
 from medsynth.io import ITK_SUFFIXES, content_kind, read_itk_volume, read_nifti
@@ -105,20 +104,6 @@ def list_volume_files(folder: Path) -> list[Path]:
     return found
 
 
-def _resolve(manifest: Path, rel: object, where: str) -> Path:
-    """An absolute path for a path written in ``manifest``; relative ones must stay inside its folder."""
-    if not isinstance(rel, str) or not rel:
-        raise DataError(f"{manifest}: {where} path {rel!r} is not a non-empty string")
-    p = Path(rel)
-    if p.is_absolute():
-        return p
-    root = Path(os.path.abspath(manifest.parent))
-    full = Path(os.path.normpath(root / p))  # lexical: a symlink the user placed inside is fine
-    if not full.is_relative_to(root):
-        raise DataError(f"{manifest}: {where} path '{rel}' leaves the manifest's folder; use an absolute path")
-    return full
-
-
 def _folder_records(manifest: Path, raw: dict) -> list[VolumeRecord]:
     """Records of the 3D MedDiffusion map ``{"name": "dir"}`` or class map ``{"0": "dir", "1": ...}``."""
     if not raw or not all(isinstance(v, str) for v in raw.values()):
@@ -132,7 +117,7 @@ def _folder_records(manifest: Path, raw: dict) -> list[VolumeRecord]:
                         "each once, written plainly")
     records, folders = [], {}
     for key, rel in raw.items():
-        folder = _resolve(manifest, rel, f"'{key}'")
+        folder = resolve_listed_path(manifest, rel, f"'{key}'")
         if not folder.is_dir():
             raise DataError(f"{manifest}: '{key}' names a missing folder {folder}")
         real = os.path.realpath(folder)
@@ -161,7 +146,7 @@ def _listed_records(manifest: Path, raw: list) -> list[VolumeRecord]:
                             f"(expected {', '.join(RECORD_KEYS)})")
         if "image" not in entry:
             raise DataError(f"{manifest}: record {i} has no 'image'")
-        image = _resolve(manifest, entry["image"], f"record {i}")
+        image = resolve_listed_path(manifest, entry["image"], f"record {i}")
         if not image.exists():
             raise DataError(f"{manifest}: record {i} image {image} does not exist")
         name = volume_name(image)
@@ -209,11 +194,6 @@ def read_volume_manifest(path: Union[str, Path]) -> list[VolumeRecord]:
     return records
 
 
-def _hash_unit(name: str) -> float:
-    """A stable number in [0, 1) from a name alone."""
-    return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16) / 16**12
-
-
 def assign_splits(records: Sequence[VolumeRecord], val_fraction: float = 0.2,
                   source: Union[str, Path] = "manifest") -> list[VolumeRecord]:
     """Give every record without a split ``train`` or ``val``, deterministically from its name.
@@ -231,10 +211,10 @@ def assign_splits(records: Sequence[VolumeRecord], val_fraction: float = 0.2,
     Raises:
         DataError: no ``val`` volume can be had without emptying ``train`` (fewer than 2 volumes, no explicit splits).
     """
-    free = sorted((r for r in records if r.split is None), key=lambda r: _hash_unit(r.name))
+    free = sorted((r for r in records if r.split is None), key=lambda r: name_fraction(r.name))
     if not free:
         return list(records)
-    val = {r.name for r in free if _hash_unit(r.name) < val_fraction}
+    val = {r.name for r in free if name_fraction(r.name) < val_fraction}
     if not val and not any(r.split == "val" for r in records):
         val = {free[0].name}
     if len(val) == len(free) and not any(r.split == "train" for r in records):
@@ -610,7 +590,7 @@ def _patch_item(image: torch.Tensor, label: Optional[int]) -> dict:
 # ---------------------------------------------------------------------------------------------------- datamodule
 
 
-class VolumeDataModule(L.LightningDataModule):
+class VolumeDataModule(MedsynthDataModule):
     """3D volumes (NIfTI, NRRD, MetaImage, DICOM series) through torchio: random cubic patches for training, fixed
     patches for validation.
 
@@ -693,7 +673,6 @@ class VolumeDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.random_flip, self.random_rot90 = random_flip, random_rot90
         self.predict_split = predict_split
-        self.datasets: dict[str, Dataset] = {}
         self._records: Optional[list[VolumeRecord]] = None
 
     # -- what the data is
@@ -764,31 +743,20 @@ class VolumeDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, shuffle_subjects=True, shuffle_patches=True)
         return PatchQueueDataset(queue, tio.Compose(augment) if augment else None)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._train_dataset()
-            self.datasets["val"] = self._fixed_patches(self.split_records("val"))
-        elif stage == "validate":
-            self.datasets["val"] = self._fixed_patches(self.split_records("val"))
-        elif stage == "test":
-            self.datasets["test"] = self._fixed_patches(self.split_records("test"))
-        elif stage == "predict":
-            records = self.split_records(self.predict_split)
-            for rec in records:
-                check_volume(rec.image, self.channels, geometry=self.geometry)
-            self.datasets["predict"] = VolumeDataset(records, self.channels, self.normalization, self.geometry)
+    def dataset(self, split: str) -> Dataset:
+        if split == "train":
+            return self._train_dataset()
+        if split != "predict":
+            return self._fixed_patches(self.split_records(split))
+        records = self.split_records(self.predict_split)
+        for rec in records:
+            check_volume(rec.image, self.channels, geometry=self.geometry)
+        return VolumeDataset(records, self.channels, self.normalization, self.geometry)
 
-    # -- loaders
-
-    def train_dataloader(self) -> DataLoader:
-        # torchio rule: the queue loads volumes with its own workers; the loader that pops patches must use none
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=0)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], batch_size=self.batch_size, num_workers=0)
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["predict"], batch_size=1, num_workers=self.num_workers)
+    def loader_options(self, split: str) -> dict:
+        options = super().loader_options(split)
+        if split == "predict":  # whole volumes of any size, one at a time
+            return {**options, "batch_size": 1}
+        # torchio rule: the queue loads volumes with its own workers (and shuffles patches); the loader that pops
+        # patches must use none
+        return {**options, "shuffle": False, "drop_last": False, "num_workers": 0, "persistent_workers": False}
