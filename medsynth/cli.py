@@ -48,6 +48,7 @@ from medsynth.contracts import (
     DescribesData,
     WritesPredictions,
 )
+from medsynth.convert.export import export_diffusers, reference_incompatibilities
 from medsynth.errors import MedsynthError
 from medsynth.io import (
     abandon_output_dir,
@@ -60,6 +61,7 @@ from medsynth.io import (
 )
 from medsynth.loading import check_checkpoint, check_weights_fit, checkpoint_model_config
 from medsynth.modules.checks import check_denoiser_shape
+from medsynth.modules.diffusion import DiffusionModule
 
 log = logging.getLogger("medsynth.cli")
 
@@ -267,7 +269,7 @@ class MedsynthTrainer(Trainer):
         claim = claim_output_dir(output_dir, overwrite, "medsynth export")
         try:
             model.load_state_dict(state)
-            path = model.export_diffusers(output_dir)
+            path = export_diffusers(model, output_dir)
         except BaseException:
             abandon_output_dir(claim)
             raise
@@ -324,7 +326,7 @@ def check_export_compatible(model: LightningModule, ckpt_path, allow_incompatibl
     Raises:
         MedsynthError: naming the checkpoint, the reasons and ``--allow_incompatible``.
     """
-    problems = getattr(model, "reference_incompatibilities", list)()
+    problems = reference_incompatibilities(model)
     if problems and not allow_incompatible:
         raise MedsynthError(f"{ckpt_path}: the segmentation-guided reference pipeline would sample this export "
                             f"wrongly ({'; '.join(problems)}); export anyway with --allow_incompatible (the export "
@@ -339,7 +341,7 @@ def check_exportable(model: LightningModule, ckpt_path) -> None:
         MedsynthError: naming the checkpoint and what it holds.
     """
     net = getattr(model, "net", None)
-    if not callable(getattr(model, "export_diffusers", None)) or not callable(getattr(net, "save_pretrained", None)):
+    if not isinstance(model, DiffusionModule) or not callable(getattr(net, "save_pretrained", None)):
         raise MedsynthError(f"{ckpt_path}: holds a {type(model).__name__} with a {type(net).__name__}; export writes "
                             "diffusion UNets in diffusers format (give a DiffusionModule checkpoint with a UNet2D)")
 

@@ -18,21 +18,17 @@ import logging
 from pathlib import Path
 
 from medsynth.convert import Imported, ImportOptions
+from medsynth.convert.export import EXPORT_RECORD_KEY, REFERENCE_SCHEDULE
 from medsynth.errors import MedsynthError
 
 UNET_CLASS = "UNet2DModel"
-EXPORT_KEY = "medsynth"
-"""The key of ``unet/config.json`` under which ``medsynth export`` records the model's settings (``_medsynth`` when
-the reference pipeline samples the export correctly)."""
-REFERENCE_OBJECTIVE = {"class_path": "medsynth.diffusion.DDPMObjective",
-                       "init_args": {"prediction_type": "epsilon", "num_train_timesteps": 1000,
-                                     "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}}
+REFERENCE_OBJECTIVE = {"class_path": "medsynth.diffusion.DDPMObjective", "init_args": dict(REFERENCE_SCHEDULE)}
 """The segmentation-guided project's noise process: ``DDPMScheduler(num_train_timesteps=1000)`` / DDIM alike."""
 REFERENCE_SAMPLER = {"class_path": "medsynth.diffusion.DDIMSampler",
                      "init_args": {"num_inference_steps": 50, "eta": 0.0}}
 """How the segmentation-guided project samples (``SegGuidedDDIMPipeline`` defaults)."""
 IGNORED_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "in_channels",
-                       "out_channels", EXPORT_KEY}
+                       "out_channels", EXPORT_RECORD_KEY}
 """``config.json`` entries that do not shape the net, or that the import sets from elsewhere."""
 
 
@@ -72,7 +68,7 @@ class DiffusersUNetConverter:
         if config.get("_class_name") != UNET_CLASS:
             raise MedsynthError(f"{config_path}: a {config.get('_class_name')!r}, not a diffusers {UNET_CLASS}")
         notes: list[str] = []
-        records = [config.get(k) for k in (EXPORT_KEY, "_" + EXPORT_KEY) if isinstance(config.get(k), dict)]
+        records = [config.get(k) for k in (EXPORT_RECORD_KEY, "_" + EXPORT_RECORD_KEY) if isinstance(config.get(k), dict)]
         exported = records[0] if records else None
         image_channels = int(config.get("out_channels", 3))
         mask_channels = int(config.get("in_channels", 3)) - image_channels
@@ -140,7 +136,7 @@ class DiffusersUNetConverter:
         try:
             settings = {k: exported[k] for k in ("objective", "sampler", "num_classes", "mask_encoding")}
         except KeyError as exc:
-            raise MedsynthError(f"{path}: its '{EXPORT_KEY}' record lacks {exc}; a damaged medsynth export?") from None
+            raise MedsynthError(f"{path}: its '{EXPORT_RECORD_KEY}' record lacks {exc}; a damaged medsynth export?") from None
         for key in ("class_names", "output", "label_drop_prob", "latent_space"):
             if exported.get(key) is not None:
                 settings[key] = exported[key]
