@@ -8,16 +8,14 @@ attribute names. See docs/architecture.md and docs/extending.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
-
-class NetFactory(Protocol):
-    """Builds a denoising net: ``net(in_channels, out_channels)``, plus ``num_class_embeds=`` for class-conditional
-    models. In YAML a class path with its other arguments; the model supplies the channel counts."""
-
-    def __call__(self, in_channels: int, out_channels: int, **kwargs) -> nn.Module: ...
+NetFactory = Callable[[int, int], nn.Module]
+"""Builds a denoising net: ``net(in_channels, out_channels)``, plus ``num_class_embeds=`` for class-conditional
+models. In YAML a class path with its other arguments; the model supplies the channel counts. (A plain callable
+type rather than a Protocol, so that jsonargparse builds it from ``class_path``/``init_args``.)"""
 
 
 class DenoisingNet(Protocol):

@@ -113,3 +113,15 @@ def check_weights_fit(path: str | Path, module: torch.nn.Module, state: dict) ->
             what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model does not"
             raise MedsynthError(f"{path}: its weights do not fit this model (the checkpoint {what}); give a "
                                 "checkpoint of this architecture")
+
+
+def read_init_weights(path: str | Path, module: torch.nn.Module, option: str = "model.init_from") -> dict:
+    """The ``state_dict`` of the checkpoint ``path`` (a ``medsynth fit`` or ``medsynth import`` one), checked to fit
+    ``module``: the weights a fine-tuning run starts from.
+
+    Raises:
+        MedsynthError: one line naming the checkpoint (and ``option``) and what does not fit.
+    """
+    ckpt = check_checkpoint(path)
+    check_weights_fit(f"{path} ({option})", module, ckpt["state_dict"])
+    return ckpt["state_dict"]

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from medsynth.cli import main as medsynth
-from medsynth.modules.diffusion import sample_generators
+from medsynth.diffusion.samplers import sample_generators
 
 SEED = 0
 """medsynth's default ``sample_seed``: sample ``i`` starts from ``torch.Generator().manual_seed(SEED * 1_000_003 + i)``."""

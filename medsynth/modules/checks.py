@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from medsynth.contracts import ChecksSpatialShape
 from medsynth.errors import MedsynthError
 
 
@@ -83,3 +84,16 @@ def check_denoiser_shape(model, spatial: Sequence[int], option: str) -> None:
     text = " ".join(str(error).split())[:160]
     raise MedsynthError(f"{option}: model.net cannot take {'x'.join(map(str, spatial))} inputs "
                         f"({type(error).__name__}: {text}){hint}")
+
+
+def check_training_shapes(net: nn.Module, datamodule) -> None:
+    """Refuse training crops a net that checks its own shapes (``ChecksSpatialShape``, e.g. BiFlowNet's
+    sub-volumes) cannot take, before anything is written."""
+    shapes = getattr(datamodule, "training_shapes", None)
+    if not isinstance(net, ChecksSpatialShape) or shapes is None:
+        return
+    for shape in shapes():
+        try:
+            net.check_spatial_shape(shape)
+        except MedsynthError as exc:
+            raise MedsynthError(f"data.crop_size: the training latents {list(shape)} do not fit the net: {exc}") from None

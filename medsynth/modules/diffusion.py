@@ -3,38 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
-from medsynth.contracts import ChecksSpatialShape
+from medsynth.contracts import NetFactory
 from medsynth.diffusion.conditioning import (
     MaskEncoding,
     ablate_mask,
     check_guidance,
     drop_condition,
     encode_mask,
-    guided,
     mask_channels,
     null_condition,
 )
 from medsynth.diffusion.objectives import DDPMObjective, Objective
-from medsynth.diffusion.samplers import DDIMSampler, Sampler, initial_noise, sample_generators
+from medsynth.diffusion.samplers import DDIMSampler, Sampler
 from medsynth.errors import MedsynthError
-from medsynth.loading import check_checkpoint, check_weights_fit
+from medsynth.loading import read_init_weights
+from medsynth.modules.checks import check_training_shapes
 from medsynth.modules.codec import LatentCodec
+from medsynth.modules.generation import Generation
 from medsynth.modules.optim import plain_callable, warmup_schedule
 from medsynth.nets.unet2d import UNet2D
 
-NetFactory = Callable[[int, int], nn.Module]
-"""Builds the denoising net from ``(in_channels, out_channels)``; in YAML, a class path with its other arguments."""
 
-
-class DiffusionModule(L.LightningModule):
-    """A denoising diffusion model, unconditional or guided by segmentation masks, in pixel space.
+class DiffusionModule(Generation, L.LightningModule):
+    """A denoising diffusion model, unconditional or guided by masks or class labels, in pixel or latent space.
 
     The net sees the noised image with the encoded mask concatenated as extra channels (Konz et al., 2024,
     "Anatomically-Controllable Medical Image Generation with Segmentation-Guided Diffusion Models").
@@ -72,14 +70,12 @@ class DiffusionModule(L.LightningModule):
             (linked from the data; default ``image_size`` squared). Sizes the net cannot produce are refused before
             sampling starts.
         latent_space: set when the model learns autoencoder latents (linked from a
-            :class:`~medsynth.data.LatentDataModule`): the latents' scaling (``shift``, ``scale``), the autoencoder
-            checkpoint and its SHA-256, channels, downsampling factor and the output voxel spacing. Samples are
-            unscaled and decoded with that autoencoder, which is loaded only to sample, frozen, and never part of
-            the trained weights, the checkpoint or the EMA average.
-        autoencoder: an autoencoder checkpoint to decode with instead of the one the latents name (it must be
-            the same file: its SHA-256 is checked). Taken from the command line at predict.
-        decode_tile: latent tile side for decoding large samples in overlapping, blended tiles; ``None`` uses the
-            autoencoder's own default, 0 decodes whole. Taken from the command line at predict.
+            :class:`~medsynth.data.LatentDataModule`): how they were scaled and which autoencoder decodes them
+            (see :class:`~medsynth.modules.codec.LatentCodec`, which loads it only to sample).
+        autoencoder: an autoencoder checkpoint to decode with instead of the one the latents name (the same file:
+            its SHA-256 is checked). Taken from the command line at predict.
+        decode_tile: latent tile side for decoding large samples in blended tiles; ``None``: the autoencoder's
+            default, 0: whole. Taken from the command line at predict.
         init_from: a ``medsynth fit`` or ``medsynth import`` checkpoint of the same architecture whose weights (its
             ``state_dict``: the EMA weights where EMA was used) start this run: fine-tuning. Optimiser, schedule and
             step count start afresh; resuming with ``--ckpt_path`` restores that checkpoint instead.
@@ -121,25 +117,15 @@ class DiffusionModule(L.LightningModule):
             raise MedsynthError(f"model.label_drop_prob={label_drop_prob} must lie in [0, 1)")
         check_guidance(guidance_scale)
         self.save_hyperparameters()
-        self.num_classes = num_classes
-        self.image_channels = image_channels
-        self.image_size = image_size
-        self.mask_encoding = mask_encoding
-        self.mask_ablation_prob = mask_ablation_prob
+        self.num_classes, self.image_channels, self.image_size = num_classes, image_channels, image_size
+        self.mask_encoding, self.mask_ablation_prob = mask_encoding, mask_ablation_prob
         self.class_names = list(class_names) if class_names else None
-        self.label_drop_prob = label_drop_prob
-        self.guidance_scale = guidance_scale
-        self.lr = lr
-        self.optimizer = plain_callable(optimizer)
-        self.lr_warmup_steps = lr_warmup_steps
-        self.lr_schedule = lr_schedule
-        self.sample_seed = sample_seed
-        self.compile_net = compile
-        self.output = output
+        self.label_drop_prob, self.guidance_scale = label_drop_prob, guidance_scale
+        self.lr, self.optimizer = lr, plain_callable(optimizer)
+        self.lr_warmup_steps, self.lr_schedule = lr_warmup_steps, lr_schedule
+        self.sample_seed, self.compile_net, self.output = sample_seed, compile, output
         self.sample_shape = list(sample_shape) if sample_shape else None
         self.latent_space = dict(latent_space) if latent_space else None
-        self.autoencoder = Path(autoencoder) if autoencoder else None
-        self.decode_tile = decode_tile
         self.init_from = Path(init_from) if init_from is not None else None
         # the frozen autoencoder that decodes latent samples: a plain attribute, so never trained, saved or averaged
         self.latent_codec = (LatentCodec(latent_space, autoencoder, decode_tile, image_channels)
@@ -211,13 +197,7 @@ class DiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Runs before a resumed checkpoint is restored, so --ckpt_path still wins over init_from.
         if stage == "fit" and self.init_from is not None:
-            self.load_state_dict(self._read_init_from())
-
-    def _read_init_from(self) -> dict:
-        """The weights of ``init_from``, checked to fit this model (one line naming the checkpoint if not)."""
-        ckpt = check_checkpoint(self.init_from)
-        check_weights_fit(f"{self.init_from} (model.init_from)", self, ckpt["state_dict"])
-        return ckpt["state_dict"]
+            self.load_state_dict(read_init_weights(self.init_from, self))
 
     def on_fit_start(self) -> None:
         # seed_everything gives every DDP rank the same seed, so every rank would draw the same noise, timesteps
@@ -245,16 +225,16 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        # The same noise and timesteps every epoch, so val/loss moves only with the weights.
-        generator = torch.Generator().manual_seed(10_000 + batch_idx)
-        loss = self.diffusion_loss(batch, generator)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
-        return loss
+        return self._fixed_noise_loss(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
-        generator = torch.Generator().manual_seed(20_000 + batch_idx)
+        return self._fixed_noise_loss(batch, batch_idx, "test")
+
+    def _fixed_noise_loss(self, batch: dict, batch_idx: int, split: str) -> Tensor:
+        # The same noise and timesteps every epoch, so the loss moves only with the weights.
+        generator = torch.Generator().manual_seed({"val": 10_000, "test": 20_000}[split] + batch_idx)
         loss = self.diffusion_loss(batch, generator)
-        self.log("test/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True, batch_size=batch["image"].shape[0])
         return loss
 
     def configure_optimizers(self):
@@ -262,118 +242,9 @@ class DiffusionModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         return {"optimizer": opt, "lr_scheduler": warmup_schedule(opt, self.lr_warmup_steps, total, self.lr_schedule)}
 
-    # ----------------------------------------------------------------- sampling
-    @torch.no_grad()
-    def sample(
-        self,
-        mask: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        indices: Optional[Sequence[int]] = None,
-        sampler: Optional[Sampler] = None,
-        seed: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
-    ) -> Tensor:
-        """Generate images ``(B, C, *spatial)``: in [-1, 1] for pixels and min-max latents, unclipped for
-        standardised latents (see :meth:`bounded`).
-
-        Args:
-            mask: ``(B, *spatial)`` integer masks to condition on (mask-guided models).
-            labels: ``(B,)`` class labels (class-conditional models).
-            indices: one index per sample seeding its noise (default ``0..B-1``).
-            sampler: overrides the module's sampler.
-            seed: overrides ``sample_seed``.
-            guidance_scale: overrides the module's classifier-free guidance weight.
-        """
-        given = mask if mask is not None else labels
-        if given is not None:
-            n = given.shape[0]
-        elif indices is not None:
-            n = len(indices)
-        else:
-            raise ValueError("sample() needs masks, labels or sample indices")
-        if mask is not None:
-            spatial = tuple(mask.shape[1:])
-        else:
-            spatial = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
-        indices = list(range(n)) if indices is None else [int(i) for i in indices]
-        generators = sample_generators(self.sample_seed if seed is None else seed, indices)
-        batch = {k: v.to(self.device) for k, v in (("mask", mask), ("label", labels)) if v is not None}
-        cond, labels = self.condition(batch)
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
-        check_guidance(w)
-        if w != 1.0 and cond is None and labels is None:
-            raise MedsynthError(f"guidance_scale={w} needs a mask- or class-conditional model")
-        if w != 1.0 and self.label_drop_prob == 0:
-            raise MedsynthError(f"guidance_scale={w} needs a model trained with model.label_drop_prob > 0 (it has "
-                                "no null condition)")
-        denoise = guided(self.denoise, cond, labels, self.null_condition(cond, labels), w)
-        noise = initial_noise((self.image_channels, *spatial), generators, self.device)
-        sampler = sampler or self.sampler
-        bounded = self.bounded()
-        sampler = sampler.with_settings(clip_sample=sampler.clip_sample and bounded, progress=self.progress(sampler))
-        x = sampler.sample(denoise, noise, self.objective, generators)
-        return x.clamp(-1, 1) if bounded else x
-
-    def bounded(self) -> bool:
-        """Whether samples live in [-1, 1] and may be clipped there: pixels and min-max scaled latents do;
-        standardised latents (``latent_scaling: std``) are unbounded (issue #15)."""
-        if self.latent_codec is None:
-            return True
-        if "method" not in self.latent_space:  # a checkpoint from before the scaling was linked: ask the manifest
-            info = getattr(getattr(self._trainer, "datamodule", None), "info", None)
-            return ((info or {}).get("scaling") or {}).get("method", "minmax") == "minmax"
-        return self.latent_codec.bounded
-
-    def progress(self, sampler: Optional[Sampler] = None) -> Optional[bool]:
-        """The progress-bar setting of ``sampler`` (default the module's) for steps and tiles; off while a trainer
-        fits or validates, so previews stay silent."""
-        if self._trainer is not None and not getattr(self._trainer, "predicting", False):
-            return False
-        return getattr(sampler or self.sampler, "progress", None)
-
-    # ----------------------------------------------------------------- latent space
-    def decode(self, z: Tensor) -> Tensor:
-        """Images/volumes in [-1, 1] from scaled latent samples ``(B, C, *latent_spatial)``."""
-        return self.latent_codec.decode(z.to(self.device), progress=self.progress())
-
     def check_fit_inputs(self, datamodule=None) -> None:
         """Refuse, before anything is written, an ``init_from`` checkpoint whose weights do not fit and training
-        shapes the net cannot denoise (e.g. a latent crop size BiFlowNet's sub-volumes do not divide); the CLI calls
-        this."""
+        shapes the net cannot denoise (e.g. a latent crop size BiFlowNet's sub-volumes do not divide)."""
         if self.init_from is not None:
-            self._read_init_from()
-        shapes = getattr(datamodule, "training_shapes", None)
-        if not isinstance(self.net, ChecksSpatialShape) or shapes is None:
-            return
-        for shape in shapes():
-            try:
-                self.net.check_spatial_shape(shape)
-            except MedsynthError as exc:
-                raise MedsynthError(f"data.crop_size: the training latents {list(shape)} do not fit the net: "
-                                    f"{exc}") from None
-
-    def check_predict_inputs(self) -> None:
-        """Refuse, before anything is written, an autoencoder that does not fit and a sample shape the net cannot
-        produce (the CLI calls this)."""
-        if self.latent_codec is not None:
-            self.latent_codec.module()
-        shape = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
-        if isinstance(self.net, ChecksSpatialShape):
-            self.net.check_spatial_shape(shape)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        indices = batch["index"].tolist()
-        samples = self.sample(batch.get("mask"), batch.get("label"), indices=indices)
-        if self.latent_space is not None:
-            samples = self.decode(samples)
-        out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}
-        if self.output == "mask":  # a mask generator: its channels are one-hot classes
-            out["generated_mask"] = samples.argmax(1).cpu()
-        for key in ("mask", "label", "synthetic_mask"):
-            if key in batch:
-                out[key] = batch[key].cpu()
-        if "image_mask" in batch and self.latent_space is not None:  # the mask at the decoded image's resolution
-            out["mask"] = batch["image_mask"].cpu()
-        if "folder" in batch:
-            out["folder"] = list(batch["folder"])
-        return out
+            read_init_weights(self.init_from, self)
+        check_training_shapes(self.net, datamodule)

@@ -164,7 +164,7 @@ def tiny_module(**kw) -> DiffusionModule:
 ])
 def test_export_records_what_the_reference_cannot_sample_and_imports_back_exactly(tmp_path, settings, problem):
     from medsynth.diffusion import DDIMSampler, DDPMObjective, EulerSampler, RectifiedFlowObjective
-    from medsynth.modules.diffusion import sample_generators
+    from medsynth.diffusion.samplers import sample_generators
 
     settings = dict(settings)
     kind = settings.pop("objective", None)
