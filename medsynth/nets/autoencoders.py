@@ -12,8 +12,6 @@ tiled decoding in :mod:`medsynth.nets.tiling` rely on:
   mean for KL, the unquantised pre-VQ features for VQ, which 3D MedDiffusion diffuses);
 - ``decode(z) -> x``: the image for a latent (the VQ model quantises ``z`` first), so that in eval mode
   ``decode(encode(x))`` equals ``forward(x)[0]``;
-- ``last_layer_weight() -> nn.Parameter``: the decoder's final convolution weight, for the adaptive GAN weight of
-  Esser et al., 2021 (VQGAN);
 - ``decoder_modules() -> list[nn.Module]``: what ``decode`` runs, the part stage 2 trains while the rest is frozen;
 - spatial sizes that are not multiples of ``downsample_factor`` raise :class:`~medsynth.errors.MedsynthError`.
 """
@@ -30,6 +28,7 @@ from monai.networks.nets import AutoencoderKL
 from torch import Tensor, nn
 
 from medsynth.errors import MedsynthError
+from medsynth.nets.blocks import MultiHeadSelfAttention, ResBlock
 
 # Rows of the (N, K) distance matrix computed at once: bounds its memory to ~256 MiB in float32.
 _DISTANCE_CHUNK_ELEMENTS = 2**26
@@ -217,58 +216,6 @@ class VectorQuantizer(nn.Module):
         return counts
 
 
-class MultiHeadSelfAttention(nn.Module):
-    """Residual multi-head self-attention over all positions of a feature map, as 3D MedDiffusion writes it.
-
-    ``x + to_out(attention(to_qkv(norm(x))))``: a bias-free linear map to ``heads * head_dim`` queries, keys and
-    values per position, scaled dot-product attention, and a 1x1 convolution back to ``channels``. Its memory
-    grows with the square of the number of positions: use it at low resolution.
-
-    Args:
-        spatial_dims: 2 or 3.
-        channels: channels of the feature map.
-        heads: attention heads.
-        head_dim: features per head (32 in 3D MedDiffusion, independent of ``channels``).
-        norm: the normalisation applied before attention (a GroupNorm in the autoencoder, a channel LayerNorm in
-            BiFlowNet).
-    """
-
-    def __init__(self, spatial_dims: int, channels: int, heads: int, head_dim: int, norm: nn.Module) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = norm
-        self.to_qkv = nn.Linear(channels, 3 * heads * head_dim, bias=False)
-        self.to_out = Conv[Conv.CONV, spatial_dims](heads * head_dim, channels, kernel_size=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, *spatial = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        out = out.transpose(-1, -2).reshape(b, -1, *spatial)  # (B, heads * head_dim, *spatial), head-major
-        return x + self.to_out(out)
-
-
-class _ResBlock(nn.Module):
-    """A pre-activation residual block: (GroupNorm, SiLU, conv) twice plus a (1x1-projected) skip."""
-
-    def __init__(
-        self, spatial_dims: int, in_channels: int, out_channels: int, norm_num_groups: int, eps: float = 1e-5
-    ) -> None:
-        super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
-        self.norm1 = nn.GroupNorm(min(norm_num_groups, in_channels), in_channels, eps=eps)
-        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = nn.GroupNorm(min(norm_num_groups, out_channels), out_channels, eps=eps)
-        self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1)
-        self.skip = conv(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
 class _Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (avoids transposed-conv checkerboards)."""
 
@@ -372,7 +319,7 @@ class PatchVolumeAutoencoder(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
 
         def res_block(cin: int, cout: int) -> nn.Module:
-            return _ResBlock(spatial_dims, cin, cout, norm_num_groups, norm_eps)
+            return ResBlock(spatial_dims, cin, cout, norm_num_groups, norm_eps)
 
         def norm(c: int) -> nn.GroupNorm:
             return nn.GroupNorm(min(norm_num_groups, c), c, eps=norm_eps)
@@ -442,10 +389,6 @@ class PatchVolumeAutoencoder(nn.Module):
         """
         z_q, loss, _ = self.quantizer(self.encode(x))  # (B, L, *spatial / f)
         return self.decoder(self.post_quant_conv(z_q)), loss
-
-    def last_layer_weight(self) -> nn.Parameter:
-        """The weight of the decoder's final convolution (for the adaptive GAN loss weight)."""
-        return self.decoder[-1].weight
 
     def decoder_modules(self) -> list[nn.Module]:
         """The modules stage 2 trains (everything after the codebook); the rest is frozen there."""
@@ -541,10 +484,6 @@ class KLAutoencoder(AutoencoderKL):
     def encode_stage_2_inputs(self, x: Tensor) -> Tensor:
         """A posterior sample ``mu + sigma * eps`` (MONAI's latent-diffusion inferers call this)."""
         return self.sampling(*self.encode_distribution(x))
-
-    def last_layer_weight(self) -> nn.Parameter:
-        """The weight of the decoder's final convolution (for the adaptive GAN loss weight)."""
-        return self.decoder.blocks[-1].conv.weight
 
     def decoder_modules(self) -> list[nn.Module]:
         """The modules stage 2 trains (everything that ``decode`` runs); the rest is frozen there."""

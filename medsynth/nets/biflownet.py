@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsynth.errors import MedsynthError
-from medsynth.nets.autoencoders import MultiHeadSelfAttention
+from medsynth.nets.blocks import MultiHeadSelfAttention, ResBlock
 
 FusionPoint = Literal["early", "late"]
 
@@ -65,25 +65,6 @@ def sincos_grid_embedding(grid: Sequence[int], dim: int, device: Optional[torch.
         parts += [torch.sin(args), torch.cos(args)]
     emb = torch.cat(parts, dim=-1)  # (G, 3 * axis_dim)
     return F.pad(emb, (0, dim - emb.shape[-1]))
-
-
-class _ResBlock3D(nn.Module):
-    """A ResNet block (GroupNorm, SiLU, conv 3x3x3, twice) with scale-shift conditioning (Dhariwal & Nichol, 2021)."""
-
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, groups: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, *spatial)
-        scale, shift = self.emb(F.silu(emb))[(...,) + (None,) * (x.ndim - 2)].chunk(2, dim=1)  # (B, C_out, 1, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return self.skip(x) + h
 
 
 class _SelfAttention3D(nn.Module):
@@ -350,7 +331,7 @@ class BiFlowNet3D(nn.Module):
         # Inter-patch branch: the UNet. Per level: ResBlocks with an attention (or Identity) after each, then a
         # downsampler; upsamplers[i] maps level i + 1's decoder output to level i's decoder input.
         def res_block(cin: int, cout: int) -> nn.Module:
-            return _PostNormResBlock3D(cin, cout, emb_dim, groups) if original else _ResBlock3D(cin, cout, emb_dim, groups)
+            return _PostNormResBlock3D(cin, cout, emb_dim, groups) if original else ResBlock(3, cin, cout, groups, emb_dim=emb_dim)
 
         def attention(c: int, level: int) -> nn.Module:
             if level not in attention_levels:
