@@ -70,6 +70,14 @@ def orthogonal_slices(volume: torch.Tensor | np.ndarray) -> list[np.ndarray]:
     return [pad_to(np.ascontiguousarray(s), size) for s in views]
 
 
+def picture_rows(x: torch.Tensor) -> list[list[np.ndarray]]:
+    """A batch ``(B, C, *spatial)`` in [-1, 1] as rows of uint8 pictures, 2D or 3D alike: images make one row of
+    ``B`` pictures, volumes one row per volume of its three orthogonal mid-slices."""
+    if x.ndim == 5:
+        return [orthogonal_slices(v) for v in x]
+    return [[to_uint8(a) for a in x]]
+
+
 def bar_chart(values: dict[str, float], reference: Optional[dict[str, float]] = None, title: str = "",
               width: int = 480, bar_height: int = 18) -> np.ndarray:
     """Horizontal bars of scores in [0, 1] (e.g. per-class Dice), with an optional reference per bar (e.g. the

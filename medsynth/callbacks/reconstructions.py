@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from medsynth.io import save_png
 from medsynth.provenance import png_text
-from medsynth.visual import make_grid, orthogonal_slices, to_uint8
+from medsynth.visual import make_grid, picture_rows
 
 
 class ReconstructionLogger(L.Callback):
@@ -41,12 +41,9 @@ class ReconstructionLogger(L.Callback):
         ):
             return
         x, recon = outputs["image"][: self.num_images], outputs["reconstruction"][: self.num_images]
-        if x.ndim == 5:  # volumes: one row per volume, three input slices then three reconstruction slices
-            rows = [orthogonal_slices(a) + orthogonal_slices(b) for a, b in zip(x, recon)]
-            caption = "per row: input sagittal/coronal/axial, reconstruction sagittal/coronal/axial"
-        else:
-            rows = [[to_uint8(a) for a in x], [to_uint8(b) for b in recon]]
-            caption = "rows: input, reconstruction"
+        rows = picture_rows(x) + picture_rows(recon)
+        kind = "volumes (sagittal / coronal / axial mid-slices)" if x.ndim == 5 else "images"
+        caption = f"rows: input {kind}, then their reconstructions"
         path = (Path(trainer.default_root_dir) / "reconstructions"
                 / f"epoch={trainer.current_epoch:04d}-step={trainer.global_step}.png")
         save_png(path, make_grid(rows), text=png_text(None, None, -1))  # reconstructions are synthetic

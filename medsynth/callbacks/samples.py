@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from medsynth.io import save_png
 from medsynth.provenance import png_text
-from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, pad_to, to_uint8
+from medsynth.visual import colorize_mask, make_grid, pad_to, picture_rows
 
 
 class SampleGridLogger(L.Callback):
@@ -65,19 +65,15 @@ class SampleGridLogger(L.Callback):
         labels = batch["label"][:n] if "label" in batch else None
         samples = pl_module.sample(mask, labels, indices=list(range(n)), seed=self.seed)
         samples, real = self._decoded(pl_module, samples, batch["image"][:n])
-        if samples.ndim == 5:  # volumes (B, C, X, Y, Z): a row of three mid-slices per volume
-            rows = [orthogonal_slices(v) for v in samples] + [orthogonal_slices(v) for v in real]
-            caption = f"rows: {n} sampled then {n} real volumes, each sagittal / coronal / axial"
-        else:
-            rows = []
-            if mask is not None:
-                shown = batch.get("image_mask", mask)[:n]
-                if shown.shape[-2:] != samples.shape[-2:]:  # latent-grid masks beside decoded images
-                    shown = F.interpolate(shown[:, None].float(), size=samples.shape[-2:], mode="nearest")[:, 0].long()
-                rows.append([colorize_mask(m) for m in shown])
-            rows.append([to_uint8(s) for s in samples])
-            rows.append([to_uint8(x) for x in real])
-            caption = "rows: masks, samples, real" if mask is not None else "rows: samples, real"
+        rows = []
+        if mask is not None and samples.ndim == 4:
+            shown = batch.get("image_mask", mask)[:n]
+            if shown.shape[-2:] != samples.shape[-2:]:  # latent-grid masks beside decoded images
+                shown = F.interpolate(shown[:, None].float(), size=samples.shape[-2:], mode="nearest")[:, 0].long()
+            rows.append([colorize_mask(m) for m in shown])
+        rows += picture_rows(samples) + picture_rows(real)
+        kind = "volumes, each sagittal / coronal / axial" if samples.ndim == 5 else "images"
+        caption = f"rows: {'masks, ' if mask is not None and samples.ndim == 4 else ''}sampled then real {kind}"
         side = max(max(p.shape[:2]) for row in rows for p in row)
         rows = [[pad_to(p, side) for p in row] for row in rows]
         path = Path(trainer.default_root_dir) / "samples" / f"epoch={trainer.current_epoch:04d}-step={trainer.global_step}.png"
