@@ -13,8 +13,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 import medsynth
+from medsynth.data.image2d import IMAGE_SUFFIXES, read_image, resize_image, to_unit_range
+from medsynth.data.volumes import Normalization, list_volume_files, read_volume, read_volume_manifest, scale_to_unit
 from medsynth.errors import MedsynthError
-from medsynth.io import atomic_write, free_path, save_json, save_png
+from medsynth.io import atomic_write, check_complete, free_path, read_json, save_json, save_png
 from medsynth.metrics.distribution import (
     FeatureNet,
     fid_2p5d,
@@ -36,8 +38,6 @@ def _scalar_metrics(trainer) -> dict[str, float]:
 def _read_real_images(folder: Path, size: int, channels: int, limit: int, intensity_range=None) -> torch.Tensor:
     """Up to ``limit`` real images found anywhere below ``folder`` (evenly spread over the sorted file list),
     resized to ``size`` and scaled to [-1, 1] as training scales them (``intensity_range``, else by dtype)."""
-    from medsynth.data.image2d import IMAGE_SUFFIXES, read_image, resize_image, to_unit_range
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
@@ -61,8 +61,6 @@ def sample_volume_files(samples_dir: Path) -> list[Path]:
 
 def _intensity_of(samples_dir: Path) -> dict:
     """The intensity scaling a sample folder's volumes were written with (``metadata.json``'s ``intensity``)."""
-    from medsynth.io import read_json
-
     meta = samples_dir / "metadata.json"
     info = read_json(meta, "metadata") if meta.is_file() else {}
     intensity = info.get("intensity") if isinstance(info, dict) else None
@@ -73,8 +71,6 @@ def read_sample_volumes(samples_dir: Path, limit: int) -> tuple[list[torch.Tenso
     """Up to ``limit`` generated volumes ``(C, X, Y, Z)`` of a sample folder, back in [-1, 1]: volumes written in
     their sources' units (HU for CT) are mapped with the range the folder's ``metadata.json`` records; older
     folders hold [-1, 1] already. Returns the volumes and that intensity record."""
-    from medsynth.data.volumes import read_volume, scale_to_unit
-
     files = sample_volume_files(samples_dir)[:limit]
     if not files:
         raise MedsynthError(f"{samples_dir}: no generated volumes (*.nii.gz) to score")
@@ -97,8 +93,6 @@ def read_real_volumes(real: Path, intensity: dict, limit: int) -> list[torch.Ten
         intensity: the sample folder's intensity record (see :func:`read_sample_volumes`).
         limit: most volumes read (evenly spread over the sorted list).
     """
-    from medsynth.data.volumes import Normalization, list_volume_files, read_volume, read_volume_manifest
-
     if real.is_file():
         paths = [r.image for r in read_volume_manifest(real)]
     elif real.is_dir():
@@ -247,8 +241,6 @@ class SampleReport(L.Callback):
             MedsynthError: one line: an incomplete folder, earlier scores without ``overwrite``, no volumes, a
                 missing feature network or real folder.
         """
-        from medsynth.io import check_complete
-
         samples_dir = Path(samples_dir)
         if not samples_dir.is_dir():
             raise MedsynthError(f"{samples_dir}: sample folder does not exist")

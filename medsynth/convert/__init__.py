@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Protocol, Sequence
 
+import lightning
 import torch
 from torch import Tensor
 
 from medsynth.errors import MedsynthError
+from medsynth.io import write_error
+from medsynth.loading import load_module
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,6 @@ def checkpoint_from(imported: Imported, source: Path, format: str) -> dict:
     """The checkpoint dict of an imported model, laid out as ``medsynth fit`` writes it (what
     :func:`~medsynth.loading.check_checkpoint` and ``predict --ckpt_path`` read), plus a
     ``medsynth_import`` record of where it came from."""
-    import lightning
-
     model = imported.model
     ckpt = {
         "epoch": 0,
@@ -139,9 +140,6 @@ def import_checkpoint(source: str | Path, output: str | Path, options: Optional[
     Raises:
         MedsynthError: ``output`` exists, the source is unknown, or the converter refuses it (one line).
     """
-    from medsynth.io import write_error
-    from medsynth.loading import load_module
-
     source, output, options = Path(source), Path(output), options or ImportOptions()
     if output.exists() or output.is_symlink():
         raise MedsynthError(f"{output}: already exists; medsynth import never replaces a file: choose another --output")

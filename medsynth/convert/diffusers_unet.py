@@ -17,9 +17,13 @@ import json
 import logging
 from pathlib import Path
 
+from diffusers import UNet2DModel
+
 from medsynth.convert import Imported, ImportOptions
 from medsynth.convert.export import EXPORT_RECORD_KEY, REFERENCE_SCHEDULE
 from medsynth.errors import MedsynthError
+from medsynth.io import read_json
+from medsynth.nets.unet2d import UNet2D
 
 UNET_CLASS = "UNet2DModel"
 REFERENCE_OBJECTIVE = {"class_path": "medsynth.diffusion.DDPMObjective", "init_args": dict(REFERENCE_SCHEDULE)}
@@ -38,8 +42,6 @@ def _unet_folder(source: Path) -> Path:
 
 
 def _read_config(path: Path) -> dict:
-    from medsynth.io import read_json
-
     config = read_json(path, "UNet config")
     if not isinstance(config, dict):
         raise MedsynthError(f"{path}: not a diffusers model config (holds a {type(config).__name__})")
@@ -149,8 +151,6 @@ class DiffusersUNetConverter:
     @staticmethod
     def _net_config(path: Path, config: dict) -> dict:
         """medsynth's ``UNet2D`` config building the same ``UNet2DModel``; refuses settings it cannot express."""
-        from medsynth.nets.unet2d import UNet2D
-
         down = list(config.get("down_block_types") or [])
         if not down or any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down):
             raise MedsynthError(f"{path}: down_block_types {down} are not DownBlock2D/AttnDownBlock2D, which medsynth's "
@@ -194,8 +194,6 @@ class DiffusersUNetConverter:
     @staticmethod
     def _weights(folder: Path, config: dict, net: dict, in_channels: int, out_channels: int) -> dict:
         """The UNet's weights, read by diffusers (which also renames the keys of older diffusers versions)."""
-        from diffusers import UNet2DModel
-
         if not any((folder / n).is_file() for n in ("diffusion_pytorch_model.safetensors",
                                                       "diffusion_pytorch_model.bin")):
             raise MedsynthError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) beside config.json; the "
