@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -492,6 +493,32 @@ def _set_by_the_run(class_path: Optional[str], args: dict) -> dict:
             or _plain(v) != _plain(params[k].default)}
 
 
+def _declared_classes(model_class: Optional[type], name: str) -> tuple[type, ...]:
+    """The classes the annotation of ``model_class``'s argument ``name`` names (``Optional[Sampler]``: Sampler)."""
+    try:
+        hint = typing.get_type_hints(model_class.__init__).get(name)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: nothing declared
+        return ()
+    return tuple(a for a in (typing.get_args(hint) or (hint,)) if inspect.isclass(a))
+
+
+def _options_onto(saved, given, declared: tuple[type, ...]):
+    """A predict-time plug-in as the run gives it: ``given``, or, when ``given`` names no class of its own (only
+    options such as ``--model.sampler.init_args.num_inference_steps 4``, which jsonargparse resolves to the
+    argument's declared base class), the checkpoint's plug-in ``saved`` with the options that differ from the base
+    class's defaults."""
+    if not (hasattr(saved, "get") and hasattr(given, "get") and saved.get("class_path") and given.get("class_path")):
+        return given
+    base, own = _class_of(given["class_path"]), _class_of(saved["class_path"])
+    if base is None or own is None or base is own or base not in declared or not issubclass(own, base):
+        return given
+    defaults = inspect.signature(base.__init__).parameters
+    for name, value in _plain(given.get("init_args") or {}).items():
+        if name in defaults and _plain(defaults[name].default) != value:
+            saved["init_args"][name] = value
+    return saved
+
+
 def _is_subclass(class_path: Optional[str], base: type) -> bool:
     """Whether the class named by a config's ``class_path`` derives from ``base`` (False if it cannot be found)."""
     cls = _class_of(class_path)
@@ -636,8 +663,10 @@ class MedsynthCLI(LightningCLI):
             self._apply_checkpoint_data(sub, ckpt_path)
         given = _plain((self.config[sub].get("model") or {}).get("init_args") or {})
         self._apply_checkpoint_model(sub, ckpt_path)
+        model_class = _class_of(self.config[sub]["model"].get("class_path"))
         for k, v in keep.items():
-            self.config[sub]["model"]["init_args"][k] = v
+            saved = self.config[sub]["model"]["init_args"].get(k)
+            self.config[sub]["model"]["init_args"][k] = _options_onto(saved, v, _declared_classes(model_class, k))
         self._report_overridden(sub, ckpt_path, given)
 
     def _report_overridden(self, sub: str, ckpt_path: str, given: dict) -> None:

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medsynth.cli import main
 from medsynth.convert import ImportOptions
@@ -71,14 +72,22 @@ def test_predict_writes_class_conditional_volumes_like_in_process_generation(imp
     assert meta["class_names"] == CLASSES and meta["num_samples"] == 6
 
 
-def test_the_imported_sample_shape_and_a_chosen_spacing(imported):
+def test_the_command_import_prints_samples_as_imported_at_the_default_size(imported, capsys):
     out = imported / "default_size"
-    main([*PREDICT, "--data.num_samples", "1", "--data.spacing", "[1.5, 1.5, 2.0]",
+    # no config: the import's sampler (DDPM, here told 4 steps instead of the original's 1000) and decoding chunk
+    # stand; the size is the BiFlowNet's training resolution (8x8x16 latents) decoded at 4x
+    main(["predict", "--model", "medsynth.modules.DiffusionModule", "--data", "medsynth.data.LatentDataModule",
+          "--model.sampler.init_args.num_inference_steps", "4", "--data.num_samples", "1", "--data.num_workers", "0",
+          "--data.spacing", "[1.5, 1.5, 2.0]", "--trainer.enable_progress_bar", "false",
           "--ckpt_path", str(imported / "ldm.ckpt"), "--output_dir", str(out)])
-    for name in CLASSES:  # the BiFlowNet's training resolution, 8x8x16 latents, decoded at 4x
-        img = nib.load(out / name / f"sample_{CLASSES.index(name):05d}.nii.gz")
+    model = yaml.safe_load((out / "config.yaml").read_text())["model"]["init_args"]
+    assert model["sampler"]["class_path"] == "medsynth.diffusion.DDPMSampler" and model["decode_tile"] == 32
+    expected = in_process(imported, [0, 1, 2])
+    for label, name in enumerate(CLASSES):
+        img = nib.load(out / name / f"sample_{label:05d}.nii.gz")
         assert img.shape == (32, 32, 64)
         np.testing.assert_allclose(img.header.get_zooms(), (1.5, 1.5, 2.0))
+        np.testing.assert_allclose(img.get_fdata(), expected[label, 0].numpy(), atol=1e-5)
 
 
 def test_generation_without_a_manifest_refuses_in_one_line(imported, capsys):
