@@ -92,6 +92,7 @@ def test_the_command_import_prints_samples_as_imported_at_the_default_size(impor
 
 def test_generation_without_a_manifest_refuses_in_one_line(imported, capsys):
     main(["import", "--source", str(imported / "0001000.pt"), "--output", str(imported / "latents_only.ckpt")])
+    assert "import it again with --autoencoder" in capsys.readouterr().out  # said at import already
     cases = [
         # no autoencoder given at import: the model knows no latent space, so there is nothing to generate in
         (["--ckpt_path", str(imported / "latents_only.ckpt")], "data.manifest is not set"),
