@@ -7,8 +7,10 @@ This is the only module that knows about the command line. Conventions it enforc
 * Weights & Biases runs offline unless the user sets ``offline: false`` and has an API key;
 * ``predict --ckpt_path`` takes the architecture (and the data's class count, channels and size) from the
   checkpoint, the data folders from the command line or else the checkpoint, and the sampler and seed from the
-  command line;
+  command line (from an imported checkpoint: the sampling settings it records, unless the command line sets them);
 * data describes itself to the model: ``num_classes``, ``channels`` and ``image_size`` are linked from the data;
+  what data cannot tell alone (a latent datamodule without a manifest, sampling an imported model) it leaves to the
+  model's own values (:class:`~medsynth.contracts.FromModel`);
 * nothing is written before every input has been checked (:meth:`MedsynthCLI._preflight`): options (typed
   constraints, then the classes' own checks), the stage's data files, the checkpoint against the model and data;
   ``predict``/``validate``/``test``/``export`` refuse to run without trained weights; ``--ckpt_path last|best``
@@ -28,9 +30,10 @@ import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 from jsonargparse import ArgumentError
@@ -46,6 +49,7 @@ from medsynth.contracts import (
     ChecksPredictInputs,
     ChecksSpatialShape,
     DescribesData,
+    FromModel,
     WritesPredictions,
 )
 from medsynth.convert.export import export_diffusers, reference_incompatibilities
@@ -396,10 +400,19 @@ def _builtin(value):
     return value
 
 
-def _model_arg(name: str):
+def _model_arg(name: str, configured: Optional[Callable[[str], object]] = None):
+    """The link's ``compute_fn`` for the model argument ``name``: what the data says (:data:`MODEL_ARG_DEFAULTS` if
+    it says nothing), or, for an entry the data takes from the model (:class:`~medsynth.contracts.FromModel`), the
+    model's own configured value (``configured(name)``: the checkpoint's, config's or command line's), or what
+    the entry's ``adopt`` makes of them."""
+
     def get(data):
         args = data.model_args() if isinstance(data, DescribesData) else {}
-        return _builtin(args.get(name, MODEL_ARG_DEFAULTS[name]))
+        value = args.get(name, MODEL_ARG_DEFAULTS[name])
+        if isinstance(value, FromModel):
+            model = {n: configured(n) if configured is not None else None for n in DATA_TO_MODEL}
+            value = model[name] if value.adopt is None else value.adopt(model)
+        return _builtin(value)
 
     get.__name__ = f"data_{name}"
     return get
@@ -469,6 +482,45 @@ def _class_of(class_path: Optional[str]) -> Optional[type]:
     return cls if inspect.isclass(cls) else None
 
 
+def _set_by_the_run(class_path: Optional[str], args: dict) -> dict:
+    """The entries of ``args`` (a model's predict-time arguments) that the command line or a config sets, i.e. that
+    differ from the class's defaults. An imported checkpoint records how its source samples (3D MedDiffusion's
+    1000 DDPM steps and decoding chunks): those stand unless the run sets others."""
+    cls = _class_of(class_path)
+    if cls is None:
+        return args
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in args.items()
+            if k not in params or params[k].default is inspect.Parameter.empty
+            or _plain(v) != _plain(params[k].default)}
+
+
+def _declared_classes(model_class: Optional[type], name: str) -> tuple[type, ...]:
+    """The classes the annotation of ``model_class``'s argument ``name`` names (``Optional[Sampler]``: Sampler)."""
+    try:
+        hint = typing.get_type_hints(model_class.__init__).get(name)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: nothing declared
+        return ()
+    return tuple(a for a in (typing.get_args(hint) or (hint,)) if inspect.isclass(a))
+
+
+def _options_onto(saved, given, declared: tuple[type, ...]):
+    """A predict-time plug-in as the run gives it: ``given``, or, when ``given`` names no class of its own (only
+    options such as ``--model.sampler.init_args.num_inference_steps 4``, which jsonargparse resolves to the
+    argument's declared base class), the checkpoint's plug-in ``saved`` with the options that differ from the base
+    class's defaults."""
+    if not (hasattr(saved, "get") and hasattr(given, "get") and saved.get("class_path") and given.get("class_path")):
+        return given
+    base, own = _class_of(given["class_path"]), _class_of(saved["class_path"])
+    if base is None or own is None or base is own or base not in declared or not issubclass(own, base):
+        return given
+    defaults = inspect.signature(base.__init__).parameters
+    for name, value in _plain(given.get("init_args") or {}).items():
+        if name in defaults and _plain(defaults[name].default) != value:
+            saved["init_args"][name] = value
+    return saved
+
+
 def _is_subclass(class_path: Optional[str], base: type) -> bool:
     """Whether the class named by a config's ``class_path`` derives from ``base`` (False if it cannot be found)."""
     cls = _class_of(class_path)
@@ -507,7 +559,19 @@ class MedsynthCLI(LightningCLI):
         # The data describes itself to the model once instantiated (a class map's labels are only known after
         # reading it). Every DataModule exposes these attributes; a model without the argument is not linked.
         for name in DATA_TO_MODEL:
-            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=_model_arg(name), apply_on="instantiate")
+            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=_model_arg(name, self._configured),
+                                  apply_on="instantiate")
+
+    def _configured(self, name: str):
+        """The model argument ``name`` as configured before the data's link (the checkpoint's when sampling from
+        one), as plain data; ``None`` when not set."""
+        config = getattr(self, "config", None)
+        if config is None:
+            return None
+        sub = config.get("subcommand")
+        model = (config[sub] if sub else config).get("model")
+        init = model.get("init_args") if model is not None else None
+        return _plain(init.get(name)) if init is not None else None
 
     def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
         """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
@@ -595,13 +659,16 @@ class MedsynthCLI(LightningCLI):
             self.config[sub]["ckpt_path"] = ckpt_path  # the file itself goes into metadata, with its SHA-256
         if not ckpt_path:
             return
-        check_checkpoint(ckpt_path)
+        if "medsynth_import" in check_checkpoint(ckpt_path):
+            keep = _set_by_the_run(self.config[sub]["model"].get("class_path"), keep)
         if sub in ("predict", "validate", "test", "export"):
             self._apply_checkpoint_data(sub, ckpt_path)
         given = _plain((self.config[sub].get("model") or {}).get("init_args") or {})
         self._apply_checkpoint_model(sub, ckpt_path)
+        model_class = _class_of(self.config[sub]["model"].get("class_path"))
         for k, v in keep.items():
-            self.config[sub]["model"]["init_args"][k] = v
+            saved = self.config[sub]["model"]["init_args"].get(k)
+            self.config[sub]["model"]["init_args"][k] = _options_onto(saved, v, _declared_classes(model_class, k))
         self._report_overridden(sub, ckpt_path, given)
 
     def _report_overridden(self, sub: str, ckpt_path: str, given: dict) -> None:

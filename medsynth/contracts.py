@@ -8,7 +8,7 @@ attribute names. See docs/architecture.md and docs/extending.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -57,6 +57,21 @@ class DescribesData(Protocol):
     ``output``, ``sample_shape``, ``latent_space``)."""
 
     def model_args(self) -> dict: ...
+
+
+class FromModel:
+    """An entry of :meth:`DescribesData.model_args` that the data cannot give alone: the model's own value (from
+    its checkpoint, config or command line) stands, or what ``adopt`` makes of the model's own values of all the
+    linked arguments (a dict by name: ``num_classes``, ..., ``latent_space``): it may check them, complete them
+    with what the data knows (an output size in the model's latent voxels), or remember them for the data's own
+    use (the class names to generate for).
+
+    Data that describes itself fully never returns one: its values replace the model's, as always. A latent
+    datamodule without a latent manifest does, to generate from a model that already knows its latent space.
+    """
+
+    def __init__(self, adopt: Optional[Callable[[dict], Any]] = None) -> None:
+        self.adopt = adopt
 
 
 @runtime_checkable

@@ -547,8 +547,9 @@ class BiFlowNetConverter(_FileConverter):
             notes.append(f"latents decode with {options.autoencoder} (codebook range [{low:.4g}, {high:.4g}]; "
                          f"latents above {DECODE_CHUNK}^3 in chunks of {DECODE_CHUNK}^3)")
         else:
-            notes.append("no --autoencoder given: the model samples latents only; give the imported PatchVolume to "
-                         "decode volumes")
+            notes.append("no --autoencoder given: the model knows no latent space, so `medsynth predict` needs a "
+                         "latent manifest (--data.manifest); import it again with --autoencoder AE.ckpt (the imported "
+                         "PatchVolume) to generate volumes")
         if class_names is PUBLISHED_CLASSES:
             notes.append("7 classes: named as the published model's (" + ", ".join(PUBLISHED_CLASSES) + ")")
         return Imported(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset, default_collate
 
+from medsynth.contracts import FromModel
 from medsynth.data.base import SPLITS, MedsynthDataModule, resolve_listed_path, split_by_name
 from medsynth.data.image2d import read_mask
 from medsynth.data.manifest import load_json
@@ -259,6 +260,7 @@ class LatentDataModule(MedsynthDataModule):
         self.spacing = list(spacing) if spacing else None
         self.predict_split = predict_split
         self._info: Optional[dict] = None
+        self._model_class_names: Optional[list[str]] = None
 
     # -- the manifest
 
@@ -273,6 +275,8 @@ class LatentDataModule(MedsynthDataModule):
 
     @property
     def class_names(self) -> Optional[list[str]]:
+        if self.manifest is None:  # generating without latents: the model's classes (model_args adopts them)
+            return self._model_class_names
         names = self.info.get("class_names")
         labels = [r["label"] for r in self.info["records"] if "label" in r]
         if names is None and labels:
@@ -339,7 +343,13 @@ class LatentDataModule(MedsynthDataModule):
         return direction.tolist(), [float(v) for v in origin]
 
     def model_args(self) -> dict:
-        """What the model must know about these latents (linked into the model's arguments by the CLI)."""
+        """What the model must know about these latents (linked into the model's arguments by the CLI).
+
+        Without a manifest (generating from a model that knows its latent space, e.g. an imported one) only the
+        generation settings come from here; see :meth:`_model_args_without_manifest`.
+        """
+        if self.manifest is None:
+            return self._model_args_without_manifest()
         info, ae, scaling = self.info, self.info["autoencoder"], self.info["scaling"]
         shape = self.latent_shape()
         direction, origin = self.voxel_orientation()
@@ -359,6 +369,56 @@ class LatentDataModule(MedsynthDataModule):
                              **({"intensity": info["intensity"]} if isinstance(info.get("intensity"), dict) else {})},
         }
 
+    # -- generating without a manifest
+
+    def _model_args_without_manifest(self) -> dict:
+        """The data's part when there are no latents to describe: the model's latent space, channels, size and
+        classes stand (:class:`~medsynth.contracts.FromModel`); the data gives the output size (``output_shape``
+        in the model's latent voxels), the spacing of the written volumes, and generates for the model's classes.
+
+        Raises:
+            DataError: (at linking) the model knows no latent space to generate in, or the output size does not fit
+                its downsampling factor.
+        """
+        return {"num_classes": self.num_classes, "output": "image",
+                "image_channels": FromModel(), "image_size": FromModel(),
+                "class_names": FromModel(self._adopt_class_names),
+                "sample_shape": FromModel(self._adopt_sample_shape),
+                "latent_space": FromModel(self._adopt_latent_space)}
+
+    def _model_latent_space(self, model: dict) -> dict:
+        space = model.get("latent_space")
+        if not space:
+            raise DataError("data.manifest is not set: give the latents.json written by the encoding step (only a "
+                            "model that knows its latent space, e.g. a 3D MedDiffusion BiFlowNet imported with "
+                            "--autoencoder, generates without one)")
+        return space
+
+    def _adopt_class_names(self, model: dict) -> Optional[list[str]]:
+        self._model_class_names = list(model["class_names"]) if model.get("class_names") else None
+        return self._model_class_names
+
+    def _adopt_sample_shape(self, model: dict) -> list[int]:
+        space, shape = self._model_latent_space(model), model.get("sample_shape")
+        if self.output_shape is None:
+            if not shape:
+                raise DataError("data.output_shape is not set and the model records no sample shape: give the "
+                                "size of the volumes to generate, e.g. --data.output_shape [64,64,64]")
+            return list(shape)
+        factor = space.get("downsample_factor")
+        if not factor:
+            raise DataError(f"data.output_shape={self.output_shape}: the model's latent space records no "
+                            "downsampling factor to convert it with; give the latent manifest (data.manifest)")
+        dims = len(shape) if shape else len(self.output_shape)
+        if len(self.output_shape) != dims or any(s % int(factor) for s in self.output_shape):
+            raise DataError(f"data.output_shape={self.output_shape}: give {dims} sides, each a multiple of the "
+                            f"autoencoder's downsampling factor {factor}")
+        return [s // int(factor) for s in self.output_shape]
+
+    def _adopt_latent_space(self, model: dict) -> dict:
+        space = self._model_latent_space(model)
+        return {**space, "spacing": list(self.spacing)} if self.spacing else space
+
     # -- datasets
 
     def training_shapes(self) -> list[list[int]]:
@@ -373,6 +433,8 @@ class LatentDataModule(MedsynthDataModule):
                              defer_crop=train and len(self.crop_sizes) > 1)
 
     def setup(self, stage: str) -> None:
+        if self.manifest is None and stage == "predict" and not self.num_classes:  # generating: no latents to check
+            return super().setup(stage)
         dims = len(self.latent_shape())  # shapes agree (or a crop is given) before anything runs
         bad = [a for a in self.flip_axes if not 0 <= a < dims]
         if bad:
