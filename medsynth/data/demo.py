@@ -359,6 +359,11 @@ class MNI152VolumeDataModule(VolumeDataModule):
         """``None``: the demo volumes carry no class labels (known without building the cache)."""
         return None
 
+    @property
+    def num_classes(self) -> int:
+        """0: the demo volumes carry no label maps (known without building the cache)."""
+        return 0
+
     def prepare_data(self) -> None:
         if not self.manifest.is_file():
             self.root.parent.mkdir(parents=True, exist_ok=True)
