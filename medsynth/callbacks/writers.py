@@ -135,6 +135,8 @@ class SampleWriter(BasePredictionWriter):
                 self._count += 1
                 continue
             affine = None
+            if sample.ndim == 4 and masks is not None and masks[i].ndim == 3:  # drop padding the label map had
+                sample = sample[(slice(None), *(slice(0, int(s)) for s in masks[i].shape))]
             if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing and orientation
                 latent_space = getattr(pl_module, "latent_space", None) or {}
                 volume, self._units = in_source_units(sample, latent_space)

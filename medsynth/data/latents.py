@@ -242,34 +242,45 @@ def list_label_maps(source: Path) -> list[Path]:
     return files
 
 
+def padded_side(side: int, multiple: int) -> int:
+    """``side`` rounded up to a multiple of ``multiple``."""
+    return -(-int(side) // int(multiple)) * int(multiple)
+
+
 class LabelMapDataset(Dataset):
-    """Label maps to sample on (one sample each): ``mask`` on the latent grid, ``image_mask`` at image resolution,
-    their ``affine``, ``mask_path``, ``name`` (the file name without its suffix) and ``index``.
+    """Label maps to sample on (one sample each): ``mask`` on the latent grid, ``image_mask`` at image resolution
+    (unpadded: samples are cropped back to it), their ``affine``, ``mask_path``, ``name`` (the file name without its
+    suffix) and ``index``.
+
+    Each label map is padded at the end of every axis with background to a multiple of ``multiple`` voxels (as the
+    encoder padded the training volumes), then put on the latent grid.
 
     Args:
-        files: NIfTI label maps (see :func:`list_label_maps`), each side a multiple of ``downsample_factor``.
+        files: NIfTI label maps (see :func:`list_label_maps`).
         num_classes: ``K``: labels must lie in ``0..K-1``.
         downsample_factor: the autoencoder's downsampling factor per axis (1 in pixel space).
+        multiple: sides are padded to a multiple of this (a multiple of ``downsample_factor``).
     """
 
-    def __init__(self, files: Sequence[Path], num_classes: int, downsample_factor: int = 1) -> None:
+    def __init__(self, files: Sequence[Path], num_classes: int, downsample_factor: int = 1,
+                 multiple: Optional[int] = None) -> None:
         self.files, self.num_classes, self.factor = list(files), num_classes, int(downsample_factor)
+        self.multiple = int(multiple or downsample_factor)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
         """The checked label map ``(X, Y, Z)`` and its affine."""
-        file = self.files[index]
-        labels, affine = read_latent_mask(file, self.num_classes)
-        if any(s % self.factor for s in labels.shape):
-            raise DataError(f"{file}: label map of shape {list(labels.shape)}; each side must be a multiple of the "
-                            f"autoencoder's downsampling factor {self.factor} (pad or crop it)")
+        labels, affine = read_latent_mask(self.files[index], self.num_classes)
+        if affine is None or labels.ndim != 3:
+            raise DataError(f"{self.files[index]}: not a 3D label map")
         return labels, affine
 
     def __getitem__(self, index: int) -> dict:
         labels, affine = self.read(index)
-        mask, _ = mask_on_latent_grid(labels, [s // self.factor for s in labels.shape], self.factor)
+        latent = [padded_side(s, self.multiple) // self.factor for s in labels.shape]
+        mask, _ = mask_on_latent_grid(labels, latent, self.factor)
         name = self.files[index].name
         name = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
         return {"index": index, "name": name, "mask": mask, "image_mask": labels,
@@ -327,8 +338,12 @@ class LatentDataModule(MedsynthDataModule):
         predict_split: the split whose masks condition sampling (mask-guided models).
         predict_masks: a folder of NIfTI label maps, or a JSON list of their paths, that ``predict`` conditions
             on instead (mask-guided volume models): one sample per label map, of its shape (each side a multiple
-            of the autoencoder's downsampling factor), written with its affine as ``samples/NAME.nii.gz`` beside
+            padded as ``predict_mask_multiple`` says), written with its affine as ``samples/NAME.nii.gz`` beside
             a copy ``masks/NAME.nii.gz``.
+        predict_mask_multiple: label maps of ``predict_masks`` are padded at the end (background) to a multiple of
+            this many voxels per side before sampling, and samples cropped back to the label map's shape: a
+            multiple of the autoencoder's downsampling factor whose latent sides the net can denoise (BiFlowNet:
+            multiples of its sub-volume side); default the downsampling factor.
     """
 
     def __init__(
@@ -345,6 +360,7 @@ class LatentDataModule(MedsynthDataModule):
         spacing: Optional[list[float]] = None,
         predict_split: Literal["train", "val", "test"] = "test",
         predict_masks: Optional[Path] = None,
+        predict_mask_multiple: Optional[PositiveInt] = None,
     ) -> None:
         super().__init__()
         if num_classes is not None and (num_classes < 0 or num_classes == 1):
@@ -357,6 +373,7 @@ class LatentDataModule(MedsynthDataModule):
         self.manifest = Path(manifest) if manifest is not None else None
         self._num_classes = num_classes
         self.predict_masks = Path(predict_masks) if predict_masks is not None else None
+        self.predict_mask_multiple = predict_mask_multiple
         sizes = sorted({int(c) for c in crop_size}) if isinstance(crop_size, (list, tuple)) else (
             [int(crop_size)] if crop_size else [])
         if any(c < 1 for c in sizes):
@@ -404,12 +421,22 @@ class LatentDataModule(MedsynthDataModule):
         if self.num_classes == 0:
             raise DataError(f"data.predict_masks={self.predict_masks}: this model is not mask-guided "
                             "(data.num_classes=0)")
-        dataset = LabelMapDataset(list_label_maps(self.predict_masks), self.num_classes, self.downsample_factor)
+        dataset = LabelMapDataset(list_label_maps(self.predict_masks), self.num_classes, self.downsample_factor,
+                                  self.mask_multiple())
         shapes = {tuple(dataset.read(i)[0].shape) for i in range(len(dataset))}
         if len(shapes) > 1 and self.batch_size > 1:
             raise DataError(f"data.predict_masks={self.predict_masks}: label maps of different shapes "
                             f"{sorted(shapes)[:2]} cannot share a batch; use --data.batch_size 1")
         return dataset
+
+    def mask_multiple(self) -> int:
+        """What ``predict_masks`` label maps are padded to a multiple of (checked against the downsampling)."""
+        factor = self.downsample_factor
+        multiple = int(self.predict_mask_multiple or factor)
+        if multiple % factor:
+            raise DataError(f"data.predict_mask_multiple={multiple}: must be a multiple of the autoencoder's "
+                            f"downsampling factor {factor}")
+        return multiple
 
     @property
     def class_names(self) -> Optional[list[str]]:
@@ -454,7 +481,7 @@ class LatentDataModule(MedsynthDataModule):
         if self.predict_masks is not None and self.output_shape is None:
             shapes = {tuple(_header_shape(f)) for f in _try_list(self.predict_masks)}
             if len(shapes) == 1 and None not in next(iter(shapes)):
-                return [int(s) // factor for s in next(iter(shapes))]
+                return [padded_side(s, self.mask_multiple()) // factor for s in next(iter(shapes))]
         if self.output_shape is None:
             return self.latent_shape()
         bad = [s for s in self.output_shape if s % factor]
