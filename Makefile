@@ -22,9 +22,12 @@ AE3D_DEMO_RUN    := runs/ae3d_demo
 AE3D_DEMO_CKPT   := $(AE3D_DEMO_RUN)/checkpoints/last.ckpt
 LDM3D_DEMO_CONFIG := --config configs/biflownet3d.yaml --config configs/experiments/biflownet3d_demo.yaml
 DEMO3D_RUN        := runs/demo3d
+SEG3D_DEMO_CONFIG := --config configs/biflownet3d_seg.yaml --config configs/experiments/biflownet3d_seg_demo.yaml
+SEG3D_JUDGE_CONFIG := --config configs/segmenter2d.yaml --config configs/experiments/segmenter3d_demo.yaml
+SEG3D_RUN         := runs/demo3d_seg
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae3d demo-3d test test-all quick-test overfit fit sample export status clean lint
+.PHONY: help install demo demo-ae3d demo-3d demo-3d-seg test test-all quick-test overfit fit sample export status clean lint
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
@@ -59,6 +62,20 @@ demo-3d: install ## 3D chain on MNI152: autoencoder (demo-ae3d's), encode, BiFlo
 	$(BIN)/medsynth predict $(LDM3D_DEMO_CONFIG) --ckpt_path $(DEMO3D_RUN)/ldm/checkpoints/last.ckpt \
 	  --output_dir $(DEMO3D_RUN)/generated --overwrite
 	@echo "generated volumes: $(DEMO3D_RUN)/generated/samples/*.nii.gz (grid.png: orthogonal mid-slices)"
+
+demo-3d-seg: install ## 3D mask-guided: BiFlowNet on MNI152 tissue label maps, samples judged by a 3D segmenter's Dice
+	$(if $(wildcard $(AE3D_DEMO_CKPT)),,$(BIN)/medsynth fit $(AE3D_DEMO_CONFIG))
+	$(BIN)/medsynth predict --config configs/encode3d.yaml --ckpt_path $(AE3D_DEMO_CKPT) \
+	  --data medsynth.data.MNI152VolumeDataModule --data.tissue_labels true --output_dir $(SEG3D_RUN)/latents --overwrite
+	$(BIN)/medsynth fit $(SEG3D_DEMO_CONFIG) --data.manifest $(SEG3D_RUN)/latents/latents.json \
+	  --trainer.default_root_dir $(SEG3D_RUN)/ldm $(ARGS)
+	$(BIN)/medsynth predict $(SEG3D_DEMO_CONFIG) --ckpt_path $(SEG3D_RUN)/ldm/checkpoints/last.ckpt \
+	  --data.predict_masks $(SEG3D_RUN)/latents/masks --output_dir $(SEG3D_RUN)/generated --overwrite
+	$(BIN)/medsynth fit $(SEG3D_JUDGE_CONFIG) --trainer.default_root_dir $(SEG3D_RUN)/segmenter
+	$(PY) scripts/seg3d_dice.py --segmenter $(SEG3D_RUN)/segmenter/checkpoints/last.ckpt --window 32 \
+	  --latents $(SEG3D_RUN)/latents/latents.json \
+	  --samples $(SEG3D_RUN)/generated --out $(SEG3D_RUN)/dice.json
+	@echo "samples: $(SEG3D_RUN)/generated/samples/*.nii.gz beside masks/; Dice table: $(SEG3D_RUN)/dice.json"
 
 test: install ## the default test suite (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 import medsynth
 from medsynth.io import save_json, save_nifti, save_npy, save_png
 from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
-from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, to_uint8
+from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, pad_to, to_uint8
 
 
 def generated_affine(latent_space: dict) -> np.ndarray:
@@ -27,6 +27,15 @@ def generated_affine(latent_space: dict) -> np.ndarray:
     affine[:3, :3] = direction * np.asarray(latent_space.get("spacing") or [1.0, 1.0, 1.0], dtype=np.float64)
     affine[:3, 3] = latent_space.get("origin") or [0.0, 0.0, 0.0]
     return affine
+
+
+def mask_slices(mask: np.ndarray) -> list[np.ndarray]:
+    """The three orthogonal mid-slices of a label map ``(X, Y, Z)``, coloured, laid out as
+    :func:`~medsynth.visual.orthogonal_slices` lays out a volume's (so grids put a mask above its sample)."""
+    x, y, z = (s // 2 for s in mask.shape)
+    views = [colorize_mask(np.rot90(s)) for s in (mask[x, :, :], mask[:, y, :], mask[:, :, z])]
+    size = max(max(v.shape[:2]) for v in views)
+    return [pad_to(np.ascontiguousarray(v), size) for v in views]
 
 
 def in_source_units(sample: torch.Tensor, latent_space: Optional[dict]) -> tuple[torch.Tensor, Optional[str]]:
@@ -96,7 +105,7 @@ class SampleWriter(BasePredictionWriter):
         self._count = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._grid, self._count, self._units = [], 0, None
+        self._grid, self._count, self._units, self._masks = [], 0, None, {}
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
         self._seed = getattr(pl_module, "sample_seed", None)
@@ -125,11 +134,17 @@ class SampleWriter(BasePredictionWriter):
                     self._grid.append((None, None, colorize_mask(mask)))
                 self._count += 1
                 continue
+            affine = None
+            if sample.ndim == 4 and masks is not None and masks[i].ndim == 3:  # drop padding the label map had
+                sample = sample[(slice(None), *(slice(0, int(s)) for s in masks[i].shape))]
             if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing and orientation
                 latent_space = getattr(pl_module, "latent_space", None) or {}
                 volume, self._units = in_source_units(sample, latent_space)
                 array = volume.numpy()[0] if volume.shape[0] == 1 else np.moveaxis(volume.numpy(), 0, -1)
-                save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32), generated_affine(latent_space),
+                # conditioned on a label map: the label map's geometry, so the sample overlays it
+                affine = (prediction["affine"][i].double().numpy() if "affine" in prediction
+                          else generated_affine(latent_space))
+                save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32), affine,
                            descrip=nifti_descrip("sample"))
                 view = np.concatenate(orthogonal_slices(sample), axis=1)
             else:
@@ -139,9 +154,17 @@ class SampleWriter(BasePredictionWriter):
             if masks is not None:
                 mask = masks[i].numpy()
                 synthetic_mask = bool(prediction["synthetic_mask"][i]) if "synthetic_mask" in prediction else False
-                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16),
-                         text=mark if synthetic_mask else None)  # a user's own mask is not synthetic
-                mask_view = colorize_mask(mask)
+                dtype = np.uint8 if mask.max() < 256 else np.uint16
+                if mask.ndim == 3:  # a volume's label map: NIfTI beside the sample, same geometry
+                    save_nifti(self.output_dir / "masks" / f"{stem}.nii.gz", mask.astype(dtype),
+                               affine if affine is not None else np.eye(4), descrip="medsynth conditioning label map")
+                    mask_view = np.concatenate(mask_slices(mask), axis=1)
+                else:
+                    save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(dtype),
+                             text=mark if synthetic_mask else None)  # a user's own mask is not synthetic
+                    mask_view = colorize_mask(mask)
+                if "mask_path" in prediction:
+                    self._masks[stem] = str(prediction["mask_path"][i])
             row = int(labels[i]) if labels is not None else None
             if sum(1 for r, _, _ in self._grid if r == row) < (self.grid_columns if row is not None else self.grid_size):
                 self._grid.append((row, mask_view, view))
@@ -175,6 +198,8 @@ class SampleWriter(BasePredictionWriter):
                 **({"intensity": (getattr(pl_module, "latent_space", None) or {}).get("intensity")}
                    if self._units else {}),
                 "class_names": getattr(pl_module, "class_names", None),
+                # sample name -> the label map it was conditioned on (this rank's, under DDP)
+                **({"conditioning_masks": self._masks} if self._masks else {}),
                 "num_samples": total,
                 "grid_from": "rank 0's samples" if trainer.world_size > 1 else "all samples",
             }),
@@ -263,10 +288,12 @@ class LatentWriter(BasePredictionWriter):
 
         latents/NAME.npy     # float32 (latent_channels, *spatial / f), unscaled; sides padded to the patch
         masks/NAME.png       # 2D: the input's mask (at image resolution), when the data has masks
+        masks/NAME.nii.gz    # 3D: the volume's label map on its grid (image resolution, the volume's affine)
         latents.json         # the latent manifest: records (latent, source, split, label, mask, affine, shapes,
                              # intensity_range), the scaling to apply (z - shift) * scale, the autoencoder
-                             # (checkpoint, SHA-256, channels, downsampling factor), the class names, and for
-                             # volumes the intensity normalisation and geometry they were read with
+                             # (checkpoint, SHA-256, channels, downsampling factor), the class names, the
+                             # mask classes (num_classes, counting background), and for volumes the intensity
+                             # normalisation and geometry they were read with
 
     Latents encode real data: they are not marked synthetic. The scaling is computed over every latent written
     (all ranks): ``minmax`` maps the dataset's range onto [-1, 1], ``std`` standardises.
@@ -314,8 +341,17 @@ class LatentWriter(BasePredictionWriter):
                 record["intensity_range"] = [float(prediction["norm_low"][i]), float(prediction["norm_high"][i])]
             if "mask" in prediction:
                 mask = prediction["mask"][i].numpy()
-                save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(np.uint8 if mask.max() < 256 else np.uint16))
-                record["mask"] = f"masks/{stem}.png"
+                dtype = np.uint8 if mask.max() < 256 else np.uint16
+                if mask.ndim == 3:  # a volume's label map, on its image's grid: NIfTI with the image's affine
+                    affine = prediction["affine"][i].double().numpy() if "affine" in prediction else np.eye(4)
+                    save_nifti(self.output_dir / "masks" / f"{stem}.nii.gz", mask.astype(dtype), affine,
+                               descrip="medsynth label map (the encoded volume's)")
+                    record["mask"] = f"masks/{stem}.nii.gz"
+                else:
+                    save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(dtype))
+                    record["mask"] = f"masks/{stem}.png"
+                if "mask_path" in prediction:
+                    record["mask_source"] = str(prediction["mask_path"][i])
             self._records.append(record)
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -345,6 +381,9 @@ class LatentWriter(BasePredictionWriter):
                                                            if "intensity_range" in r])
         if hasattr(geometry, "describe"):
             volumes["geometry"] = geometry.describe()
+        mask_classes = getattr(data, "num_classes", 0) if any("mask" in r for r in records) else 0
+        if mask_classes:  # what mask-guided training reads its one-hot channel count from (data.num_classes null)
+            volumes["num_classes"] = int(mask_classes)
         scaling = {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high}
         # each record names its scaling and encoder too, so records merged from several encodings are caught
         records = [dict(r, scaling=scaling, autoencoder_sha256=self._sha) for r in records]

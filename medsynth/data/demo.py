@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -101,8 +101,8 @@ def build_mni152_slices(root: Path, plane: Plane = "axial", min_brain_fraction: 
     t1, labels = mni152_volumes()
     axis = PLANE_AXIS[plane]
     hi = float(np.percentile(t1[t1 > 0], 99.5))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         counts = {"train": 0, "val": 0, "test": 0}
         for k in range(t1.shape[axis]):
             img = _square(np.rot90(np.take(t1, k, axis=axis)))
@@ -119,14 +119,8 @@ def build_mni152_slices(root: Path, plane: Plane = "axial", min_brain_fraction: 
             {"source": "nilearn MNI152 2009a symmetric template", "plane": plane, "classes": list(CLASS_NAMES),
              "splits": counts, "version": CACHE_VERSION},
         )
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return _build_folder(root, write)
 
 
 class MNI152SliceDataModule(SegGuidedImageDataModule):
@@ -285,8 +279,8 @@ def build_mni152_volumes(root: Path, resolution_mm: float = 2.0) -> Path:
     cut = t1.shape[1] // 2
     first, second = (t1[:, :cut], _shifted(affine, 0, 1)), (t1[:, cut:], _shifted(affine, cut, 1))
     halves = {"posterior": first, "anterior": second} if affine[1, 1] > 0 else {"posterior": second, "anterior": first}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for name, (data, aff) in halves.items():
             out = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), aff)
             out.header.set_xyzt_units("mm")
@@ -297,6 +291,56 @@ def build_mni152_volumes(root: Path, resolution_mm: float = 2.0) -> Path:
         })
         save_json(tmp / "manifest.json", [{"image": "posterior.nii.gz", "split": "train"},
                                           {"image": "anterior.nii.gz", "split": "val"}])
+
+    return _build_folder(root, write)
+
+
+TISSUE_NAMES = ("background", "other_brain", "grey_matter", "white_matter")
+"""The classes of the 3D demo's label maps (:func:`build_mni152_label_maps`)."""
+
+
+def build_mni152_label_maps(root: Path, resolution_mm: float = 2.0) -> Path:
+    """Write tissue label maps of the two halves :func:`build_mni152_volumes` writes, on the same grids (atomically).
+
+    The T1 and the grey/white-matter probability maps are resampled alike (:func:`downsample_volume`), then each
+    voxel is labelled 0 background (T1 = 0), 2 grey or 3 white matter (the larger probability, when above 0.5),
+    else 1 other brain (CSF, deep structures): :data:`TISSUE_NAMES`.
+
+    Returns:
+        ``root``, holding ``posterior.nii.gz`` and ``anterior.nii.gz`` (uint8).
+    """
+    import nibabel as nib
+
+    img = nib.load(mni152_files()["t1"])
+    affine0 = np.asarray(img.affine, dtype=np.float64)
+    factor = resolution_mm / float(np.linalg.norm(affine0[:3, 0]))
+    (t1, affine), (gm, _), (wm, _) = (downsample_volume(v, affine0, factor) for v in mni152_maps())
+    labels = np.zeros(t1.shape, np.uint8)
+    labels[t1 > 0] = 1
+    labels[(t1 > 0) & (gm > 0.5) & (gm >= wm)] = 2
+    labels[(t1 > 0) & (wm > 0.5) & (wm > gm)] = 3
+    cut = labels.shape[1] // 2
+    first, second = (labels[:, :cut], _shifted(affine, 0, 1)), (labels[:, cut:], _shifted(affine, cut, 1))
+    halves = {"posterior": first, "anterior": second} if affine[1, 1] > 0 else {"posterior": second, "anterior": first}
+
+    def write(tmp: Path) -> None:
+        for name, (data, aff) in halves.items():
+            out = nib.Nifti1Image(np.ascontiguousarray(data), aff)
+            out.header.set_xyzt_units("mm")
+            nib.save(out, tmp / f"{name}.nii.gz")
+        save_json(tmp / "dataset.json", {"source": "nilearn MNI152 2009a symmetric template (T1, GM, WM)",
+                                         "classes": list(TISSUE_NAMES), "resolution_mm": resolution_mm,
+                                         "version": CACHE_VERSION})
+
+    return _build_folder(root, write)
+
+
+def _build_folder(root: Path, write: Callable[[Path], None]) -> Path:
+    """Build the folder ``root`` all or nothing: ``write`` fills a temporary sibling that then takes its name (when
+    another process finished first, its folder is kept)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        write(tmp)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first
@@ -326,6 +370,8 @@ class MNI152VolumeDataModule(VolumeDataModule):
         random_flip: flip training patches along each axis at random.
         random_rot90: turn training patches by quarter turns at random.
         predict_split: the volumes ``predict`` yields (``all``: both halves).
+        tissue_labels: pair each half with its tissue label map (:data:`TISSUE_NAMES`, 4 classes) for mask-guided
+            diffusion and a 3D segmenter (:func:`build_mni152_label_maps`).
     """
 
     def __init__(
@@ -342,6 +388,7 @@ class MNI152VolumeDataModule(VolumeDataModule):
         random_flip: bool = True,
         random_rot90: bool = True,
         predict_split: Literal["all", "train", "val", "test"] = "all",
+        tissue_labels: bool = False,
     ) -> None:
         if not resolution_mm >= 1.0:
             raise DataError(f"data.resolution_mm={resolution_mm}: the template is 1 mm; give 1 or more")
@@ -353,16 +400,27 @@ class MNI152VolumeDataModule(VolumeDataModule):
             val_patches_per_volume=val_patches_per_volume, batch_size=batch_size, num_workers=num_workers,
             random_flip=random_flip, random_rot90=random_rot90, predict_split=predict_split,
         )
+        self.tissue_labels = bool(tissue_labels)
+        self.label_root = self.root.with_name(f"mni152_labels_{CACHE_VERSION}_{resolution_mm:g}mm")
+        if self.tissue_labels:
+            self.masks = self.label_root
 
     @property
     def class_names(self) -> Optional[list[str]]:
         """``None``: the demo volumes carry no class labels (known without building the cache)."""
         return None
 
+    @property
+    def num_classes(self) -> int:
+        """4 with ``tissue_labels`` (:data:`TISSUE_NAMES`), else 0 (known without building the cache)."""
+        return len(TISSUE_NAMES) if self.tissue_labels else 0
+
     def prepare_data(self) -> None:
         if not self.manifest.is_file():
             self.root.parent.mkdir(parents=True, exist_ok=True)
             build_mni152_volumes(self.root, self.resolution_mm)
+        if self.tissue_labels and not (self.label_root / "anterior.nii.gz").is_file():
+            build_mni152_label_maps(self.label_root, self.resolution_mm)
 
     def setup(self, stage: str) -> None:
         self.prepare_data()  # prepare_data runs on one rank only; make sure the cache exists everywhere

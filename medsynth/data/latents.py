@@ -128,18 +128,57 @@ class RandomSizeCrop:
         return default_collate(out)
 
 
+def is_label_volume(path: str | Path) -> bool:
+    """Whether a mask file is a volume's label map (NIfTI) rather than a 2D mask (PNG, NPY, ...)."""
+    return str(path).lower().endswith((".nii.gz", ".nii"))
+
+
+def read_latent_mask(path: str | Path, num_classes: int) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+    """A latent's mask at image resolution, ``(*spatial)`` int64 in ``0..K-1``, and its affine (volumes only):
+    a 2D mask (PNG, NPY; :func:`~medsynth.data.image2d.read_mask`) or a volume's label map (NIfTI;
+    :func:`~medsynth.data.volumes.read_label_map`).
+
+    Raises:
+        DataError: one line naming the file (unreadable, non-integer, a label ``>= num_classes``).
+    """
+    if is_label_volume(path):
+        from medsynth.data.volumes import read_label_map
+
+        labels, affine = read_label_map(path, num_classes)
+        return torch.from_numpy(labels), affine
+    return torch.from_numpy(read_mask(Path(path), num_classes).astype(np.int64)), None
+
+
+def mask_on_latent_grid(mask: torch.Tensor, latent_shape: Sequence[int], factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mask at image resolution ``(*spatial)`` put on the latent grid ``latent_shape`` by nearest neighbour.
+
+    The encoder padded each image at the end of every axis to a multiple of its patch (background): a mask that
+    fits inside ``latent_shape * factor`` is padded the same way (with 0) first, so each latent voxel gets the
+    label of the image voxels it encodes. Returns the latent-grid mask and the (padded) image-resolution mask.
+    """
+    full = [int(s) * int(factor) for s in latent_shape]
+    if list(mask.shape) != full and all(m <= f for m, f in zip(mask.shape, full)):
+        pad = [p for m, f in zip(reversed(mask.shape), reversed(full)) for p in (0, f - m)]
+        mask = F.pad(mask, pad)
+    small = F.interpolate(mask[None, None].float(), size=tuple(latent_shape), mode="nearest")[0, 0].long()
+    return small, mask
+
+
 class LatentDataset(Dataset):
     """Scaled latents ``image`` ``(C, *spatial)`` (+ ``label``, + ``mask`` resized to the latent grid), randomly
     cropped to ``crop_size`` and flipped when training.
 
+    Uncropped items also carry ``image_mask`` (the mask at image resolution, padded as the encoder padded the
+    image); volumes' label maps add ``affine`` and ``mask_path``, so samples are written in the label map's geometry.
     ``defer_crop`` leaves the latents whole for a collate function that crops each batch (:class:`RandomSizeCrop`).
     """
 
     def __init__(self, records: list[dict], shift: float, scale: float, crop_size: Optional[int] = None,
-                 flip_axes: Sequence[int] = (), num_classes: int = 0, defer_crop: bool = False) -> None:
+                 flip_axes: Sequence[int] = (), num_classes: int = 0, defer_crop: bool = False,
+                 downsample_factor: int = 1) -> None:
         self.records, self.shift, self.scale = records, shift, scale
         self.crop_size, self.flip_axes, self.num_classes = crop_size, tuple(flip_axes), num_classes
-        self.defer_crop = defer_crop
+        self.defer_crop, self.downsample_factor = defer_crop, downsample_factor
 
     def __len__(self) -> int:
         return len(self.records)
@@ -153,10 +192,15 @@ class LatentDataset(Dataset):
         item: dict = {"index": index, "name": rec["name"]}
         mask = None
         if self.num_classes > 0:
-            m = torch.from_numpy(read_mask(Path(rec["mask"]), self.num_classes).astype(np.int64))
-            mask = F.interpolate(m[None, None].float(), size=z.shape[1:], mode="nearest")[0, 0].long()
+            m, affine = read_latent_mask(rec["mask"], self.num_classes)
+            if "image_shape" in rec and list(m.shape) != list(rec["image_shape"]):
+                raise DataError(f"{rec['mask']}: mask of shape {list(m.shape)}, but its latent {rec['latent']} encodes "
+                                f"an image of shape {list(rec['image_shape'])}")
+            mask, m = mask_on_latent_grid(m, z.shape[1:], self.downsample_factor)
             if not self.crop_size and not self.defer_crop:
                 item["image_mask"] = m  # at image resolution: what a sample decoded from this latent should follow
+                if affine is not None:
+                    item["affine"], item["mask_path"] = torch.from_numpy(affine), str(rec["mask"])
         if self.crop_size and not self.defer_crop:
             z, mask = random_crop(z, mask, self.crop_size)
         for axis in self.flip_axes:  # spatial axes where a mirror image is still plausible anatomy
@@ -169,6 +213,79 @@ class LatentDataset(Dataset):
         if "label" in rec:
             item["label"] = rec["label"]
         return item
+
+
+def list_label_maps(source: Path) -> list[Path]:
+    """The label maps ``predict`` conditions on: the NIfTI files of a folder (sorted), or those a JSON manifest
+    lists (paths, or records with a ``mask`` path; relative to the manifest's folder).
+
+    Raises:
+        DataError: a missing source or listed file, a malformed manifest, or no label maps.
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if not p.name.startswith(".") and is_label_volume(p))
+    elif source.is_file():
+        raw = load_json(source, "label-map manifest")
+        if not isinstance(raw, list):
+            raise DataError(f"{source}: label-map manifest must be a list of paths or of records with a 'mask'")
+        files = []
+        for i, entry in enumerate(raw):
+            rel = entry.get("mask") if isinstance(entry, dict) else entry
+            file = resolve_listed_path(source, rel, f"record {i} mask")
+            if not file.is_file():
+                raise DataError(f"{source}: record {i} label map {file} does not exist")
+            files.append(file)
+    else:
+        raise DataError(f"data.predict_masks={source}: no such folder or manifest of label maps")
+    if not files:
+        raise DataError(f"data.predict_masks={source}: no label maps (.nii.gz/.nii) to condition on")
+    return files
+
+
+def padded_side(side: int, multiple: int) -> int:
+    """``side`` rounded up to a multiple of ``multiple``."""
+    return -(-int(side) // int(multiple)) * int(multiple)
+
+
+class LabelMapDataset(Dataset):
+    """Label maps to sample on (one sample each): ``mask`` on the latent grid, ``image_mask`` at image resolution
+    (unpadded: samples are cropped back to it), their ``affine``, ``mask_path``, ``name`` (the file name without its
+    suffix) and ``index``.
+
+    Each label map is padded at the end of every axis with background to a multiple of ``multiple`` voxels (as the
+    encoder padded the training volumes), then put on the latent grid.
+
+    Args:
+        files: NIfTI label maps (see :func:`list_label_maps`).
+        num_classes: ``K``: labels must lie in ``0..K-1``.
+        downsample_factor: the autoencoder's downsampling factor per axis (1 in pixel space).
+        multiple: sides are padded to a multiple of this (a multiple of ``downsample_factor``).
+    """
+
+    def __init__(self, files: Sequence[Path], num_classes: int, downsample_factor: int = 1,
+                 multiple: Optional[int] = None) -> None:
+        self.files, self.num_classes, self.factor = list(files), num_classes, int(downsample_factor)
+        self.multiple = int(multiple or downsample_factor)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The checked label map ``(X, Y, Z)`` and its affine."""
+        labels, affine = read_latent_mask(self.files[index], self.num_classes)
+        if affine is None or labels.ndim != 3:
+            raise DataError(f"{self.files[index]}: not a 3D label map")
+        return labels, affine
+
+    def __getitem__(self, index: int) -> dict:
+        labels, affine = self.read(index)
+        latent = [padded_side(s, self.multiple) // self.factor for s in labels.shape]
+        mask, _ = mask_on_latent_grid(labels, latent, self.factor)
+        name = self.files[index].name
+        name = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+        return {"index": index, "name": name, "mask": mask, "image_mask": labels,
+                "affine": torch.from_numpy(affine), "mask_path": str(self.files[index])}
 
 
 class GenerationDataset(Dataset):
@@ -202,7 +319,8 @@ class LatentDataModule(MedsynthDataModule):
         manifest: the latent manifest ``latents.json`` written by ``medsynth predict --config configs/encode3d.yaml``
             (or the 2D encoding recipe).
         num_classes: mask classes counting background for mask-guided latent diffusion (masks are resized to the
-            latent grid, nearest neighbour); 0 ignores masks.
+            latent grid, nearest neighbour); 0 ignores masks; ``null`` takes the count the latent manifest
+            records (written when volumes were encoded with their label maps).
         crop_size: side in latent voxels of random training crops; a list of sides crops each training batch to
             one of them, drawn at random, so BiFlowNet's resolution embedding and sub-volume positions learn every
             size in the list (generate at those sizes); validation uses the largest. ``None`` trains on whole
@@ -219,12 +337,20 @@ class LatentDataModule(MedsynthDataModule):
         spacing: voxel spacing in mm written into generated NIfTI volumes; default: the source volumes' spacing
             (from their affines) when they all agree, else 1 mm.
         predict_split: the split whose masks condition sampling (mask-guided models).
+        predict_masks: a folder of NIfTI label maps, or a JSON list of their paths, that ``predict`` conditions
+            on instead (mask-guided volume models): one sample per label map, of its shape (each side a multiple
+            padded as ``predict_mask_multiple`` says), written with its affine as ``samples/NAME.nii.gz`` beside
+            a copy ``masks/NAME.nii.gz``.
+        predict_mask_multiple: label maps of ``predict_masks`` are padded at the end (background) to a multiple of
+            this many voxels per side before sampling, and samples cropped back to the label map's shape: a
+            multiple of the autoencoder's downsampling factor whose latent sides the net can denoise (BiFlowNet:
+            multiples of its sub-volume side); default the downsampling factor.
     """
 
     def __init__(
         self,
         manifest: Optional[Path] = None,
-        num_classes: NonNegativeInt = 0,
+        num_classes: Optional[NonNegativeInt] = 0,
         crop_size: Optional[int | list[int]] = None,
         val_fraction: float = 0.1,
         batch_size: PositiveInt = 4,
@@ -234,9 +360,11 @@ class LatentDataModule(MedsynthDataModule):
         output_shape: Optional[list[PositiveInt]] = None,
         spacing: Optional[list[float]] = None,
         predict_split: Literal["train", "val", "test"] = "test",
+        predict_masks: Optional[Path] = None,
+        predict_mask_multiple: Optional[PositiveInt] = None,
     ) -> None:
         super().__init__()
-        if num_classes < 0 or num_classes == 1:
+        if num_classes is not None and (num_classes < 0 or num_classes == 1):
             raise DataError(f"data.num_classes={num_classes}: use 0 (no masks) or >= 2 (counting background)")
         if not 0 <= val_fraction < 1:
             raise DataError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
@@ -244,7 +372,9 @@ class LatentDataModule(MedsynthDataModule):
             raise DataError(f"data.spacing={list(spacing)}: give three positive voxel sides in mm")
         self.save_hyperparameters()
         self.manifest = Path(manifest) if manifest is not None else None
-        self.num_classes = num_classes
+        self._num_classes = num_classes
+        self.predict_masks = Path(predict_masks) if predict_masks is not None else None
+        self.predict_mask_multiple = predict_mask_multiple
         sizes = sorted({int(c) for c in crop_size}) if isinstance(crop_size, (list, tuple)) else (
             [int(crop_size)] if crop_size else [])
         if any(c < 1 for c in sizes):
@@ -272,6 +402,43 @@ class LatentDataModule(MedsynthDataModule):
                 raise DataError("data.manifest is not set: give the latents.json written by the encoding step")
             self._info = read_latent_manifest(self.manifest)
         return self._info
+
+    @property
+    def num_classes(self) -> int:
+        """Mask classes counting background (0: no masks): ``data.num_classes``, or the manifest's count when null."""
+        if self._num_classes is not None:
+            return int(self._num_classes)
+        recorded = self.info.get("num_classes")
+        if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 2:
+            raise DataError(f"{self.manifest}: data.num_classes is null (take it from the latents) but the manifest "
+                            "records no mask classes: encode the volumes with their label maps (data.masks)")
+        return recorded
+
+    @property
+    def downsample_factor(self) -> int:
+        return int(self.info["autoencoder"].get("downsample_factor") or 1)
+
+    def predict_label_maps(self) -> LabelMapDataset:
+        """The checked label maps of ``predict_masks`` (every file read once now: one line on the first bad one)."""
+        if self.num_classes == 0:
+            raise DataError(f"data.predict_masks={self.predict_masks}: this model is not mask-guided "
+                            "(data.num_classes=0)")
+        dataset = LabelMapDataset(list_label_maps(self.predict_masks), self.num_classes, self.downsample_factor,
+                                  self.mask_multiple())
+        shapes = {tuple(dataset.read(i)[0].shape) for i in range(len(dataset))}
+        if len(shapes) > 1 and self.batch_size > 1:
+            raise DataError(f"data.predict_masks={self.predict_masks}: label maps of different shapes "
+                            f"{sorted(shapes)[:2]} cannot share a batch; use --data.batch_size 1")
+        return dataset
+
+    def mask_multiple(self) -> int:
+        """What ``predict_masks`` label maps are padded to a multiple of (checked against the downsampling)."""
+        factor = self.downsample_factor
+        multiple = int(self.predict_mask_multiple or factor)
+        if multiple % factor:
+            raise DataError(f"data.predict_mask_multiple={multiple}: must be a multiple of the autoencoder's "
+                            f"downsampling factor {factor}")
+        return multiple
 
     @property
     def class_names(self) -> Optional[list[str]]:
@@ -312,8 +479,13 @@ class LatentDataModule(MedsynthDataModule):
         return list(next(iter(shapes)))
 
     def sample_shape(self) -> list[int]:
-        """Spatial latent shape that ``predict`` samples: ``output_shape`` / factor, else the training shape."""
+        """Spatial latent shape that ``predict`` samples: ``output_shape`` / factor, the label maps' of
+        ``predict_masks`` (when they share one), else the training shape."""
         factor = int(self.info["autoencoder"].get("downsample_factor", 1))
+        if self.predict_masks is not None and self.output_shape is None:
+            shapes = {tuple(_header_shape(f)) for f in _try_list(self.predict_masks)}
+            if len(shapes) == 1 and None not in next(iter(shapes)):
+                return [padded_side(s, self.mask_multiple()) // factor for s in next(iter(shapes))]
         if self.output_shape is None:
             return self.latent_shape()
         bad = [s for s in self.output_shape if s % factor]
@@ -430,7 +602,8 @@ class LatentDataModule(MedsynthDataModule):
         s = self.info["scaling"]
         return LatentDataset(self.records(split), float(s["shift"]), float(s["scale"]), self.crop_size,
                              flip_axes=self.flip_axes if train else (), num_classes=self.num_classes,
-                             defer_crop=train and len(self.crop_sizes) > 1)
+                             defer_crop=train and len(self.crop_sizes) > 1,
+                             downsample_factor=self.downsample_factor)
 
     def setup(self, stage: str) -> None:
         if self.manifest is None and stage == "predict" and not self.num_classes:  # generating: no latents to check
@@ -444,6 +617,8 @@ class LatentDataModule(MedsynthDataModule):
     def dataset(self, split: str) -> Dataset:
         if split != "predict":
             return self._dataset(split, train=split == "train")
+        if self.predict_masks is not None:
+            return self.predict_label_maps()
         if self.num_classes > 0:
             return self._dataset(self.predict_split)
         return GenerationDataset(self.num_samples, self.class_names)
@@ -451,3 +626,21 @@ class LatentDataModule(MedsynthDataModule):
     def collate_fn(self, split: str):
         """Training crops every batch to one of the crop sizes (:class:`RandomSizeCrop`) when several are given."""
         return RandomSizeCrop(self.crop_sizes) if getattr(self.datasets[split], "defer_crop", False) else None
+
+
+def _try_list(source: Path) -> list[Path]:
+    """The label maps of ``source``, or none when it cannot be listed (the dataset then says why, in one line)."""
+    try:
+        return list_label_maps(source)
+    except DataError:
+        return []
+
+
+def _header_shape(path: Path) -> tuple:
+    """A NIfTI file's spatial shape from its header alone (``(None,)`` when unreadable: checked later)."""
+    try:
+        import nibabel as nib
+
+        return tuple(int(s) for s in nib.load(str(path)).shape[:3])
+    except Exception:  # noqa: BLE001 - the dataset reads and refuses it with one line
+        return (None,)

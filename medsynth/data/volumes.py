@@ -7,6 +7,7 @@ A volume manifest takes one of three forms; relative paths resolve against the m
 inside it (``../`` out of it is refused; absolute paths are taken as they are)::
 
     [{"image": "ct/a.nii.gz", "label": 1, "split": "train"}, ...]   # records; label and split are optional
+    [{"image": "ct/a.nii.gz", "mask": "labels/a.nii.gz"}, ...]      # with a label map (mask-guided diffusion)
     {"brats": "volumes/brats", "ixi": "volumes/ixi"}                 # 3D MedDiffusion: every volume per folder
     {"0": "volumes/healthy", "1": "volumes/tumour"}                  # integer keys 0..N-1: one folder per label
 
@@ -44,7 +45,7 @@ from medsynth.io import ITK_SUFFIXES, content_kind, read_itk_volume, read_nifti
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
-RECORD_KEYS = ("image", "label", "split")
+RECORD_KEYS = ("image", "label", "split", "mask")
 PLANES = ((0, 1), (0, 2), (1, 2))
 
 Array = Union[np.ndarray, torch.Tensor]
@@ -59,12 +60,14 @@ class VolumeRecord:
         image: absolute path of the volume file or DICOM series folder.
         label: integer class label (>= 0), or ``None`` for unlabelled data.
         split: ``train``, ``val`` or ``test``; ``None`` leaves it to :func:`assign_splits`.
+        mask: absolute path of the volume's integer label map (see :func:`read_label_map`), or ``None``.
     """
 
     name: str
     image: Path
     label: Optional[int] = None
     split: Optional[str] = None
+    mask: Optional[Path] = None
 
 
 # ---------------------------------------------------------------------------------------------------- manifests
@@ -159,7 +162,10 @@ def _listed_records(manifest: Path, raw: list) -> list[VolumeRecord]:
         split = entry.get("split")
         if split is not None and split not in SPLITS:
             raise DataError(f"{manifest}: record {i} has split {split!r}; expected one of {', '.join(SPLITS)}")
-        records.append(VolumeRecord(name, image, label, split))
+        mask = resolve_listed_path(manifest, entry["mask"], f"record {i} mask") if entry.get("mask") is not None else None
+        if mask is not None and not mask.is_file():
+            raise DataError(f"{manifest}: record {i} ({name}) label map {mask} does not exist")
+        records.append(VolumeRecord(name, image, label, split, mask))
     return records
 
 
@@ -191,7 +197,31 @@ def read_volume_manifest(path: Union[str, Path]) -> list[VolumeRecord]:
     unlabelled = [r for r in records if r.label is None]
     if unlabelled and len(unlabelled) < len(records):
         raise DataError(f"{path}: volume '{unlabelled[0].name}' has no label while others have; label all or none")
+    unmasked = [r for r in records if r.mask is None]
+    if unmasked and len(unmasked) < len(records):
+        raise DataError(f"{path}: volume '{unmasked[0].name}' has no label map ('mask') while others have; give "
+                        "every volume its label map or none")
     return records
+
+
+def attach_masks(records: Sequence[VolumeRecord], folder: Path) -> list[VolumeRecord]:
+    """The records with their label maps from ``folder``: the file named like each volume (``NAME.nii.gz``,
+    ``NAME.nii`` or another volume suffix).
+
+    Raises:
+        DataError: the folder is missing, or a volume has no partner label map in it (named in the message).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data.masks={folder}: not a folder of label maps")
+    out = []
+    for r in records:
+        found = [folder / f"{r.name}{suffix}" for suffix in VOLUME_SUFFIXES if (folder / f"{r.name}{suffix}").is_file()]
+        if not found:
+            raise DataError(f"{r.image}: no partner label map {folder / (r.name + '.nii.gz')} (label maps are named "
+                            "like their volumes)")
+        out.append(replace(r, mask=Path(os.path.abspath(found[0]))))
+    return out
 
 
 def assign_splits(records: Sequence[VolumeRecord], val_fraction: float = 0.2,
@@ -320,6 +350,58 @@ def _torchio_reader(path: Union[str, Path], channels: int,
     """Reader for ``tio.ScalarImage``: the checked channels-first tensor and its affine."""
     data, affine = read_volume(path, channels, geometry)
     return torch.from_numpy(data), affine
+
+
+def read_label_map(path: Union[str, Path], num_classes: Optional[int] = None,
+                   grid: Optional[tuple[Sequence[int], np.ndarray]] = None,
+                   geometry: Optional[Geometry] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check an integer label map ``(X, Y, Z)`` int64 (0 = background) and its ``(4, 4)`` affine.
+
+    With ``grid`` (an image's spatial shape and affine) the label map is put on the image's voxel grid: kept as it
+    is when it has that grid, else resampled onto it by nearest neighbour (``tio.Resample``), which needs the label
+    map to cover the image's field of view.
+
+    Args:
+        path: a volume file or DICOM series folder holding integer labels (see :func:`read_volume`).
+        num_classes: ``K`` counting background: labels must lie in ``0..K-1``; ``None`` checks only that they are
+            non-negative integers.
+        grid: ``(spatial_shape, affine)`` of the image the label map belongs to.
+        geometry: the reorientation/resampling applied to the images (nearest neighbour for labels).
+
+    Raises:
+        DataError: one line naming the file: unreadable, not 3D, non-integer or negative labels, a label ``>= K``,
+            or a grid that does not cover the image's.
+    """
+    data, affine = read_volume(path, 1, None)
+    if not np.array_equal(data, np.round(data)) or data.min() < 0:
+        raise DataError(f"{path}: label map holds non-integer or negative values; expected class indices 0..K-1")
+    if num_classes is not None and int(data.max()) >= num_classes:
+        raise DataError(f"{path}: label map holds label {int(data.max())} >= data.num_classes={num_classes} "
+                        "(classes count background)")
+    labels = data.astype(np.int64)
+    if geometry is not None:
+        labels, affine = geometry.apply(labels, affine, label_map=True)
+    if grid is not None:
+        shape, target = tuple(int(s) for s in grid[0]), np.asarray(grid[1], dtype=np.float64)
+        same = labels.shape[1:] == shape and np.allclose(affine, target, atol=1e-3)
+        if not same:
+            corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                                for k in (0, shape[2] - 1)]).T
+            inside = np.linalg.solve(affine, target @ corners)[:3]  # image corners in label-map voxels
+            if ((inside < -0.5 - 1e-3) | (inside > np.array(labels.shape[1:])[:, None] - 0.5 + 1e-3)).any():
+                raise DataError(f"{path}: label map of grid {_shape_str(labels.shape[1:])} does not cover its "
+                                f"image's grid {_shape_str(shape)} in world coordinates (affines); cannot resample "
+                                "it onto the image: give the label map the image's grid")
+            resampled = tio.Resample((shape, target))(tio.LabelMap(tensor=torch.from_numpy(labels), affine=affine))
+            labels, affine = resampled.data.numpy().astype(np.int64), target
+    return np.ascontiguousarray(labels[0]), affine
+
+
+def _label_reader(path: Union[str, Path], num_classes: Optional[int], grid: tuple[Sequence[int], np.ndarray],
+                  geometry: Optional[Geometry] = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Reader for ``tio.LabelMap``: the checked label map on its image's grid, ``(1, X, Y, Z)``."""
+    labels, affine = read_label_map(path, num_classes, grid, geometry)
+    return torch.from_numpy(labels[None]), affine
 
 
 # ---------------------------------------------------------------------------------------------------- geometry
@@ -528,19 +610,21 @@ class VolumeDataset(Dataset):
     Items: ``image`` ``(C, X, Y, Z)`` float32 in [-1, 1] in the file's voxel order (after ``geometry``), ``name``,
     ``path`` (str), ``affine`` ``(4, 4)`` float64 (the file's, or the resampled grid's), ``norm_low``/``norm_high``
     (the intensities -1 and 1 stand for, see :meth:`Normalization.from_unit`), ``index`` (position in this dataset)
-    and ``label`` when the records have one.
+    and ``label`` when the records have one; ``mask`` ``(X, Y, Z)`` int64 (the label map on the image's grid) and
+    ``mask_path`` when they have label maps.
 
     Args:
         records: the volumes, in item order.
         channels: image channels (see :func:`read_volume`).
         normalization: the intensity scaling.
         geometry: reorientation and resampling on reading.
+        num_classes: ``K`` the label maps' labels must stay below (``None``: unchecked).
     """
 
     def __init__(self, records: Sequence[VolumeRecord], channels: int, normalization: Normalization,
-                 geometry: Optional[Geometry] = None) -> None:
+                 geometry: Optional[Geometry] = None, num_classes: Optional[int] = None) -> None:
         self.records, self.channels, self.normalization = list(records), channels, normalization
-        self.geometry = geometry
+        self.geometry, self.num_classes = geometry, num_classes
 
     def __len__(self) -> int:
         return len(self.records)
@@ -553,6 +637,9 @@ class VolumeDataset(Dataset):
                 "norm_low": low, "norm_high": high, "index": index, "split": rec.split or ""}
         if rec.label is not None:
             item["label"] = rec.label
+        if rec.mask is not None:
+            mask, _ = read_label_map(rec.mask, self.num_classes, (data.shape[1:], affine), self.geometry)
+            item["mask"], item["mask_path"] = torch.from_numpy(mask), str(rec.mask)
         return item
 
 
@@ -577,13 +664,16 @@ class PatchQueueDataset(Dataset):
         patch = self.queue[index]
         if self.augment is not None:
             patch = self.augment(patch)
-        return _patch_item(patch["image"].data, patch.get("label"))
+        mask = patch["mask"].data[0] if "mask" in patch else None
+        return _patch_item(patch["image"].data, patch.get("label"), mask)
 
 
-def _patch_item(image: torch.Tensor, label: Optional[int]) -> dict:
+def _patch_item(image: torch.Tensor, label: Optional[int], mask: Optional[torch.Tensor] = None) -> dict:
     item = {"image": image.float().contiguous()}
     if label is not None:
         item["label"] = int(label)
+    if mask is not None:  # (P, P, P) class indices of the same patch
+        item["mask"] = mask.long().contiguous()
     return item
 
 
@@ -624,6 +714,11 @@ class VolumeDataModule(MedsynthDataModule):
         target_spacing: resample every volume on reading to these voxel sides in mm (e.g. ``[1.5, 1.5, 1.5]``);
             default: each file's own spacing.
         canonical: reorient every volume on reading to RAS+ voxel axes (permutation and flips, no interpolation).
+        masks: a folder of integer label maps named like the volumes (``NAME.nii.gz``), for mask-guided diffusion
+            (instead of ``mask`` entries in the manifest). A label map on another grid than its volume's is
+            resampled onto it by nearest neighbour.
+        num_classes: label-map classes counting background (labels ``0..K-1``); ``None`` counts them from the
+            label maps (largest label + 1). Ignored without label maps.
     """
 
     def __init__(
@@ -645,6 +740,8 @@ class VolumeDataModule(MedsynthDataModule):
         predict_split: Literal["all", "train", "val", "test"] = "all",
         target_spacing: Optional[list[float]] = None,
         canonical: bool = False,
+        masks: Optional[Path] = None,
+        num_classes: Optional[NonNegativeInt] = None,
     ) -> None:
         super().__init__()
         for arg, value, least in (("patch_size", patch_size, 1), ("channels", channels, 1),
@@ -661,6 +758,9 @@ class VolumeDataModule(MedsynthDataModule):
             raise DataError(f"data.ct_window={list(ct_window)}: low must be below high")
         if predict_split not in ("all", *SPLITS):
             raise DataError(f"data.predict_split={predict_split!r}: expected all, {', '.join(SPLITS)}")
+        if num_classes is not None and num_classes < 2:
+            raise DataError(f"data.num_classes={num_classes}: label maps have at least 2 classes (counting "
+                            "background); leave it unset to count them")
         self.save_hyperparameters()
         self.manifest = Path(manifest) if manifest is not None else None
         self.patch_size, self.channels = patch_size, channels
@@ -673,6 +773,8 @@ class VolumeDataModule(MedsynthDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.random_flip, self.random_rot90 = random_flip, random_rot90
         self.predict_split = predict_split
+        self.masks = Path(masks) if masks is not None else None
+        self._num_classes = num_classes
         self._records: Optional[list[VolumeRecord]] = None
 
     # -- what the data is
@@ -682,8 +784,22 @@ class VolumeDataModule(MedsynthDataModule):
         if self._records is None:
             if self.manifest is None:
                 raise DataError("data.manifest is not set: give a JSON manifest of volumes (NIfTI, NRRD, MetaImage, DICOM)")
-            self._records = assign_splits(read_volume_manifest(self.manifest), self.val_fraction, self.manifest)
+            records = assign_splits(read_volume_manifest(self.manifest), self.val_fraction, self.manifest)
+            if self.masks is not None:
+                records = attach_masks(records, self.masks)
+            self._records = records
         return self._records
+
+    @property
+    def num_classes(self) -> int:
+        """Label-map classes counting background: ``data.num_classes``, or counted from the label maps (largest
+        label + 1, at least 2); 0 when the volumes have no label maps."""
+        if not any(r.mask is not None for r in self.records()):
+            return 0
+        if self._num_classes is None:
+            largest = max(int(read_volume(r.mask, 1)[0].max()) for r in self.records())
+            self._num_classes = max(largest + 1, 2)
+        return int(self._num_classes)
 
     def split_records(self, split: str) -> list[VolumeRecord]:
         """The records of one split (``all``: every record), in manifest order; an empty split is an error."""
@@ -700,7 +816,7 @@ class VolumeDataModule(MedsynthDataModule):
 
     def model_args(self) -> dict:
         """What the model must know about this data (linked into the model's arguments by the CLI)."""
-        return {"image_channels": self.channels, "image_size": self.patch_size, "num_classes": 0,
+        return {"image_channels": self.channels, "image_size": self.patch_size, "num_classes": self.num_classes,
                 "class_names": self.class_names, "output": "image"}
 
     # -- datasets
@@ -710,13 +826,18 @@ class VolumeDataModule(MedsynthDataModule):
         reader = partial(_torchio_reader, channels=self.channels, geometry=self.geometry)
         subjects = []
         for rec in records:
-            data, _ = read_volume(rec.image, self.channels, self.geometry)
+            data, affine = read_volume(rec.image, self.channels, self.geometry)
             check_patch_fits(rec.image, data.shape[1:], self.patch_size)
             low, high = self.normalization.intensity_range(data)
             fields = {"image": tio.ScalarImage(rec.image, reader=reader), "name": rec.name,
                       "norm_low": low, "norm_high": high}
             if rec.label is not None:
                 fields["label"] = rec.label
+            if rec.mask is not None:  # checked now; patches and augmentations then cut and turn it with the image
+                grid = (data.shape[1:], affine)
+                read_label_map(rec.mask, self.num_classes, grid, self.geometry)
+                fields["mask"] = tio.LabelMap(rec.mask, reader=partial(_label_reader, num_classes=self.num_classes,
+                                                                       grid=grid, geometry=self.geometry))
             subjects.append(tio.Subject(fields))
         return subjects
 
@@ -725,12 +846,16 @@ class VolumeDataModule(MedsynthDataModule):
         p = self.patch_size
         items = []
         for rec in records:
-            data, _ = read_volume(rec.image, self.channels, self.geometry)
+            data, affine = read_volume(rec.image, self.channels, self.geometry)
             check_patch_fits(rec.image, data.shape[1:], p)
             x, _ = self.normalization.to_unit(data)
+            mask = (torch.from_numpy(read_label_map(rec.mask, self.num_classes, (data.shape[1:], affine),
+                                                    self.geometry)[0]) if rec.mask is not None else None)
             rng = np.random.default_rng(int(hashlib.sha1(rec.name.encode()).hexdigest()[:16], 16))
             for i, j, k in rng.integers(0, np.array(data.shape[1:]) - p + 1, size=(self.val_patches_per_volume, 3)):
-                items.append(_patch_item(x[:, i : i + p, j : j + p, k : k + p].clone(), rec.label))
+                window = (slice(i, i + p), slice(j, j + p), slice(k, k + p))
+                items.append(_patch_item(x[(slice(None), *window)].clone(), rec.label,
+                                         mask[window].clone() if mask is not None else None))
         return items
 
     def _train_dataset(self) -> PatchQueueDataset:
@@ -749,9 +874,12 @@ class VolumeDataModule(MedsynthDataModule):
         if split != "predict":
             return self._fixed_patches(self.split_records(split))
         records = self.split_records(self.predict_split)
+        k = self.num_classes or None
         for rec in records:
-            check_volume(rec.image, self.channels, geometry=self.geometry)
-        return VolumeDataset(records, self.channels, self.normalization, self.geometry)
+            data, affine = read_volume(rec.image, self.channels, self.geometry)
+            if rec.mask is not None:
+                read_label_map(rec.mask, k, (data.shape[1:], affine), self.geometry)
+        return VolumeDataset(records, self.channels, self.normalization, self.geometry, k)
 
     def loader_options(self, split: str) -> dict:
         options = super().loader_options(split)

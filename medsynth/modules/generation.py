@@ -116,4 +116,6 @@ class Generation:
             out["mask"] = batch["image_mask"].cpu()
         if "folder" in batch:
             out["folder"] = list(batch["folder"])
+        if "affine" in batch and "mask_path" in batch:  # conditioned on label maps: written with their geometry
+            out["affine"], out["mask_path"] = batch["affine"].cpu(), list(batch["mask_path"])
         return out

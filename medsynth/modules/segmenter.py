@@ -82,5 +82,17 @@ class SegmenterModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._evaluate(batch, "test")
 
+    @torch.no_grad()
+    def segment(self, x: Tensor, window: Optional[int] = None) -> Tensor:
+        """Class indices ``(B, *spatial)`` of whole images or volumes ``(B, C, *spatial)`` in [-1, 1]: in one pass,
+        or with ``window`` by MONAI's sliding windows of that side (overlap 0.25, Gaussian blending), for volumes
+        larger than the patches the net was trained on."""
+        if window is None:
+            return self(x).argmax(1)
+        from monai.inferers import sliding_window_inference
+
+        size = (int(window),) * (x.ndim - 2)
+        return sliding_window_inference(x, size, 2, self, overlap=0.25, mode="gaussian").argmax(1)
+
     def configure_optimizers(self):
         return self.optimizer(self.net.parameters(), lr=self.lr)
