@@ -43,7 +43,6 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from medsynth.callbacks.writers import SampleWriter
 from medsynth.contracts import (
     ChecksFitInputs,
     ChecksPredictInputs,
@@ -66,6 +65,7 @@ from medsynth.io import (
 from medsynth.loading import check_checkpoint, check_weights_fit, checkpoint_model_config
 from medsynth.modules.checks import check_denoiser_shape
 from medsynth.modules.diffusion import DiffusionModule
+from medsynth.writers import SampleWriter
 
 log = logging.getLogger("medsynth.cli")
 

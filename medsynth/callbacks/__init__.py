@@ -6,7 +6,7 @@ from medsynth.callbacks.progressive import ProgressiveResolution
 from medsynth.callbacks.reconstructions import ReconstructionLogger
 from medsynth.callbacks.report import SampleReport
 from medsynth.callbacks.samples import SampleGridLogger
-from medsynth.callbacks.writers import ReconstructionWriter, SampleWriter
+from medsynth.writers import ReconstructionWriter, SampleWriter
 
 __all__ = ["RunCheckpoint", "EMA", "SampleGridLogger", "SampleWriter", "ReconstructionLogger", "ReconstructionWriter",
            "ProgressiveResolution", "SampleReport"]

@@ -1,6 +1,6 @@
 """Latents written by an autoencoder (``predict`` with ``predict_output: latent``), for latent diffusion.
 
-A latent manifest (``latents.json``, written by :class:`~medsynth.callbacks.writers.LatentWriter`) lists one
+A latent manifest (``latents.json``, written by :class:`~medsynth.writers.LatentWriter`) lists one
 ``.npy`` per encoded input with its split, class label, mask and source affine, the scaling to apply
 (``(z - shift) * scale``) and the autoencoder that made them (checkpoint, SHA-256, channels, downsampling). For
 volumes it also records how their intensities were normalised (``intensity``: the CT window, or the MRI

@@ -19,6 +19,7 @@ from medsynth.metrics.reconstruction import MS_SSIM_MIN_SIDE
 from medsynth.modules.optim import GANAdam, plain_callable
 from medsynth.nets.autoencoders import KLAutoencoder
 from medsynth.nets.tiling import encode_patchwise, reconstruct
+from medsynth.writers import LatentWriter, ReconstructionWriter
 
 
 def _built_from_config() -> bool:
@@ -355,8 +356,6 @@ class AutoencoderModule(L.LightningModule):
 
     def prediction_writer(self, output_dir: Path, metadata: dict):
         """The callback that writes this module's predictions (reconstructions or latents) under ``output_dir``."""
-        from medsynth.callbacks.writers import LatentWriter, ReconstructionWriter
-
         if self.hparams.predict_output == "latent":
             return LatentWriter(output_dir, metadata=metadata, scaling=self.hparams.latent_scaling)
         return ReconstructionWriter(output_dir, metadata=metadata)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from medsynth.callbacks.writers import LatentWriter, SampleWriter, in_source_units
 from medsynth.data.latents import LatentDataModule, read_latent_manifest
 from medsynth.data.volumes import Geometry, Normalization, VolumeDataModule, read_volume
 from medsynth.errors import DataError
+from medsynth.writers import LatentWriter, SampleWriter, in_source_units
 
 ROOT = Path(__file__).resolve().parents[2]
 AIR, SOFT_TISSUE, BONE = -1000.0, 40.0, 700.0
