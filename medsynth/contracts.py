@@ -8,7 +8,7 @@ attribute names. See docs/architecture.md and docs/extending.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -70,7 +70,7 @@ class FromModel:
     datamodule without a latent manifest does, to generate from a model that already knows its latent space.
     """
 
-    def __init__(self, adopt: Optional[Callable[[dict], Any]] = None) -> None:
+    def __init__(self, adopt: Optional[Callable[[dict], object]] = None) -> None:
         self.adopt = adopt
 
 
