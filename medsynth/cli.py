@@ -833,6 +833,30 @@ def expand_flags(args: list[str]) -> list[str]:
     return out
 
 
+def classes_from_checkpoint(args: list[str]) -> list[str]:
+    """``medsynth predict|test|validate|export --ckpt_path FILE`` without any ``--config``, ``--model`` or ``--data``:
+    the model and data classes the checkpoint was trained (or imported) with, as ``--model`` / ``--data`` flags,
+    so a checkpoint alone is enough. Any other command line is returned unchanged.
+
+    Raises:
+        MedsynthError: the checkpoint cannot be read (one line naming it).
+    """
+    if not args or args[0] not in NEEDS_WEIGHTS:
+        return args
+    given = {a.split("=", 1)[0] for a in args[1:]}
+    if given & {"--config", "-c", "--model", "--data"}:
+        return args
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
+    if ckpt is None and "--ckpt_path" in args[:-1]:
+        ckpt = args[args.index("--ckpt_path") + 1]
+    if ckpt is None or not Path(ckpt).is_file():
+        return args  # no file to read the classes from (`last`/`best` need the run's config)
+    checkpoint = check_checkpoint(ckpt)
+    data = (checkpoint.get("datamodule_hyper_parameters") or {}).get("_class_path")
+    return [args[0], "--model", checkpoint["hyper_parameters"]["_class_path"],
+            *(["--data", data] if isinstance(data, str) else []), *args[1:]]
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``medsynth`` command; ``args`` replaces ``sys.argv[1:]`` (tests).
 
@@ -854,7 +878,10 @@ def main(args: Optional[list[str]] = None) -> None:
         if args and args[0] == "import":  # converts a file; no model, data or trainer to configure
             import_command(args[1:])
         else:
-            MedsynthCLI(args=None if from_command_line else args, held=held)
+            filled = classes_from_checkpoint(args)
+            if from_command_line:
+                sys.argv[1:] = filled
+            MedsynthCLI(args=None if from_command_line else filled, held=held)
     except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None or debug:
@@ -907,9 +934,8 @@ def import_command(args: list[str]) -> Path:
     print(f"imported {ns.source} ({format}) as {imported.model['class_path'].rsplit('.', 1)[-1]} into {path}")
     for note in imported.notes:
         print(f"note: {note}")
-    data = f" --data {imported.data['class_path']}" if imported.data else ""
-    print(f"sample:    medsynth predict --model {imported.model['class_path']}{data} --ckpt_path {path} "
-          "--output_dir DIR ...")
+    data = "" if imported.data else " --data DATA_CLASS"  # without recorded data settings the data class is asked for
+    print(f"sample:    medsynth predict --ckpt_path {path}{data} --output_dir DIR ...")
     print(f"fine-tune: medsynth fit --config CONFIG --model.init_from {path} ... (CONFIG with the same net; see "
           "docs/coming-from.md)")
     return path

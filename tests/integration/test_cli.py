@@ -277,3 +277,16 @@ def test_final_checkpoint_keeps_raw_and_averaged_weights(seg_dataset, tmp_path):
     key = "net.unet.conv_in.weight"
     averaged, raw = ckpt["state_dict"][key], ckpt["current_model_state"][key]
     assert not torch.equal(averaged, raw)  # the raw weights a resume continues from are not the EMA copy
+
+
+def test_a_checkpoint_alone_is_enough_to_predict(trained, tmp_path, seg_dataset):
+    """No config, model or data class on the command line: they come from the checkpoint, as do the data folders,
+    the net and the sampler it was trained with."""
+    run_dir, _ = trained
+    out = tmp_path / "alone"
+    assert run("predict", "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out,
+               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false") == 0
+    test_masks = sorted(p.name for p in (seg_dataset[1] / "all" / "test").iterdir())
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == test_masks
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["sampler"]["class"] == "DDIMSampler" and meta["sampler"]["num_inference_steps"] == 3

@@ -76,7 +76,7 @@ def test_the_command_import_prints_samples_as_imported_at_the_default_size(impor
     out = imported / "default_size"
     # no config: the import's sampler (DDPM, here told 4 steps instead of the original's 1000) and decoding chunk
     # stand; the size is the BiFlowNet's training resolution (8x8x16 latents) decoded at 4x
-    main(["predict", "--model", "medsynth.modules.DiffusionModule", "--data", "medsynth.data.LatentDataModule",
+    main(["predict",  # the model and data classes come from the checkpoint, as import says
           "--model.sampler.init_args.num_inference_steps", "4", "--data.num_samples", "1", "--data.num_workers", "0",
           "--data.spacing", "[1.5, 1.5, 2.0]", "--trainer.enable_progress_bar", "false",
           "--ckpt_path", str(imported / "ldm.ckpt"), "--output_dir", str(out)])
