@@ -51,6 +51,7 @@ from medsynth.contracts import (
     FromModel,
     WritesPredictions,
 )
+from medsynth.convert import CONVERTERS, ImportOptions, import_checkpoint
 from medsynth.convert.export import export_diffusers, reference_incompatibilities
 from medsynth.errors import MedsynthError
 from medsynth.io import (
@@ -912,8 +913,6 @@ def import_command(args: list[str]) -> Path:
     The format is detected (or given with ``--format``); only what the source does not record is asked for.
     The result is read by ``predict --ckpt_path`` and ``fit --model.init_from`` like a checkpoint ``fit`` wrote.
     """
-    from medsynth.convert import CONVERTERS, ImportOptions, import_checkpoint
-
     parser = _ImportParser(
         prog="medsynth import", exit_on_error=False,
         description=IMPORT_HELP + " Sample it with `medsynth predict --ckpt_path OUT.ckpt`, fine-tune it with "

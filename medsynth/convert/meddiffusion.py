@@ -39,6 +39,9 @@ from torch import Tensor
 
 from medsynth.convert import Imported, ImportOptions
 from medsynth.errors import MedsynthError
+from medsynth.io import load_checkpoint
+from medsynth.nets.biflownet import sincos_grid_embedding
+from medsynth.provenance import file_sha256
 
 # The original's settings its weights do not reveal (its constructors' defaults).
 BIFLOWNET_GROUPS, BIFLOWNET_ATTENTION_HEADS, BIFLOWNET_DIT_HEADS, BIFLOWNET_SUB_VOLUME = 24, 8, 8, 8
@@ -458,9 +461,6 @@ def autoencoder_latent_space(autoencoder: Path) -> dict:
     The original maps a sample ``s`` in [-1, 1] to ``(s + 1) / 2 * (max - min) + min``, which is medsynth's
     ``s / scale + shift`` with ``scale = 2 / (max - min)`` and ``shift = (max + min) / 2``.
     """
-    from medsynth.io import load_checkpoint
-    from medsynth.provenance import file_sha256
-
     ckpt = load_checkpoint(autoencoder, "autoencoder checkpoint")
     codebook = (ckpt.get("state_dict") or {}).get("net.quantizer.codebook")
     if codebook is None:
@@ -498,8 +498,6 @@ class BiFlowNetConverter(_FileConverter):
                  f"attention at levels {net_args['attention_levels']}, token patch {net_args['dit_token_patch']}"]
         pos = state.get("pos_embed")
         if pos is not None:  # the frozen table is recomputed; check it is the one the net was trained with
-            from medsynth.nets.biflownet import sincos_grid_embedding
-
             grid = BIFLOWNET_SUB_VOLUME // net_args["dit_token_patch"]
             if not torch.allclose(pos[0].float(), sincos_grid_embedding((grid,) * 3, net_args["dit_hidden"]),
                                   atol=1e-5):
