@@ -71,7 +71,7 @@ demo-3d-seg: install ## 3D mask-guided: BiFlowNet on MNI152 tissue label maps, s
 	$(BIN)/medsynth fit $(SEG3D_DEMO_CONFIG) --data.manifest $(SEG3D_RUN)/latents/latents.json \
 	  --trainer.default_root_dir $(SEG3D_RUN)/ldm $(ARGS)
 	$(BIN)/medsynth predict $(SEG3D_DEMO_CONFIG) --ckpt_path $(SEG3D_RUN)/ldm/checkpoints/last.ckpt \
-	  --data.predict_masks $(SEG3D_RUN)/latents/masks --output_dir $(SEG3D_RUN)/generated --overwrite
+	  --data.predict_masks $(SEG3D_RUN)/latents/masks --model.guidance_scale 3 --output_dir $(SEG3D_RUN)/generated --overwrite
 	$(BIN)/medsynth fit $(SEG3D_JUDGE_CONFIG) --trainer.default_root_dir $(SEG3D_RUN)/segmenter
 	$(PY) scripts/seg3d_dice.py --segmenter $(SEG3D_RUN)/segmenter/checkpoints/last.ckpt --window 32 \
 	  --latents $(SEG3D_RUN)/latents/latents.json \
