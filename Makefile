@@ -66,11 +66,12 @@ demo-3d: install ## 3D chain on MNI152: autoencoder (demo-ae3d's), encode, BiFlo
 demo-3d-seg: install ## 3D mask-guided: BiFlowNet on MNI152 tissue label maps, samples judged by a 3D segmenter's Dice
 	$(if $(wildcard $(AE3D_DEMO_CKPT)),,$(BIN)/medsynth fit $(AE3D_DEMO_CONFIG))
 	$(BIN)/medsynth predict --config configs/encode3d.yaml --ckpt_path $(AE3D_DEMO_CKPT) \
-	  --data medsynth.data.MNI152VolumeDataModule --data.tissue_labels true --output_dir $(SEG3D_RUN)/latents --overwrite
+	  --data medsynth.data.MNI152VolumeDataModule --data.tissue_labels true --data.num_workers 1 \
+	  --output_dir $(SEG3D_RUN)/latents --overwrite
 	$(BIN)/medsynth fit $(SEG3D_DEMO_CONFIG) --data.manifest $(SEG3D_RUN)/latents/latents.json \
 	  --trainer.default_root_dir $(SEG3D_RUN)/ldm $(ARGS)
 	$(BIN)/medsynth predict $(SEG3D_DEMO_CONFIG) --ckpt_path $(SEG3D_RUN)/ldm/checkpoints/last.ckpt \
-	  --data.predict_masks $(SEG3D_RUN)/latents/masks --output_dir $(SEG3D_RUN)/generated --overwrite
+	  --data.predict_masks $(SEG3D_RUN)/latents/masks --model.guidance_scale 3 --output_dir $(SEG3D_RUN)/generated --overwrite
 	$(BIN)/medsynth fit $(SEG3D_JUDGE_CONFIG) --trainer.default_root_dir $(SEG3D_RUN)/segmenter
 	$(PY) scripts/seg3d_dice.py --segmenter $(SEG3D_RUN)/segmenter/checkpoints/last.ckpt --window 32 \
 	  --latents $(SEG3D_RUN)/latents/latents.json \

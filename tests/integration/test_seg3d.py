@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +19,10 @@ import torch
 
 from medsynth.cli import main
 from medsynth.data.volumes import VolumeDataModule, read_label_map
+from medsynth.diffusion import DDIMSampler
 from medsynth.errors import DataError
+from medsynth.modules import DiffusionModule
+from medsynth.nets import BiFlowNet3D
 from medsynth.provenance import provenance
 from tests.integration.test_cli import run
 
@@ -92,6 +96,26 @@ def test_pixel_space_volume_patches_carry_their_label_maps(tmp_path):
     assert all(a < b for a, b in zip(means, means[1:]))
     val = data.datasets["val"][0]
     assert val["mask"].shape == (8, 8, 8)
+
+    # the pixel-space model: one-hot label maps concatenated to a 3D net's input, ablation, guidance
+    net = partial(BiFlowNet3D, channels=[8, 16], norm_num_groups=4, dit_patch=4, dit_token_patch=2, dit_hidden=16,
+                  dit_depth=1, dit_heads=2)
+    args = data.model_args()
+    model = DiffusionModule(net=net, sampler=DDIMSampler(num_inference_steps=2), num_classes=args["num_classes"],
+                            image_channels=args["image_channels"], image_size=args["image_size"],
+                            mask_ablation_prob=0.5, label_drop_prob=0.2)
+    assert model.net.in_channels == 1 + 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(2):  # BiFlowNet's output layer starts at zero: a step makes its output depend on the input
+        loss = model.diffusion_loss(batch, torch.Generator().manual_seed(step))
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    masks = torch.stack([batch["mask"][0], torch.zeros_like(batch["mask"][0])])
+    samples = model.sample(masks, indices=[0, 0], guidance_scale=2.0)  # one seed, two label maps
+    assert samples.shape == (2, 1, 8, 8, 8) and not torch.allclose(samples[0], samples[1])
 
 
 @pytest.fixture(scope="module")
