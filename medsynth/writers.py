@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import medsynth
+from medsynth.data.volumes import Normalization
 from medsynth.io import save_json, save_nifti, save_npy, save_png
 from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
 from medsynth.visual import colorize_mask, make_grid, orthogonal_slices, pad_to, to_uint8
@@ -49,8 +50,6 @@ def in_source_units(sample: torch.Tensor, latent_space: Optional[dict]) -> tuple
     intensity = (latent_space or {}).get("intensity") or {}
     if "low" not in intensity or "high" not in intensity:
         return sample.float(), None
-    from medsynth.data.volumes import Normalization
-
     return Normalization.from_unit(sample, float(intensity["low"]), float(intensity["high"])), intensity.get("units")
 
 
@@ -252,8 +251,6 @@ class ReconstructionWriter(BasePredictionWriter):
             source = str(prediction["path"][i]) if "path" in prediction else None
             x = recon[i]
             if "norm_low" in prediction and "norm_high" in prediction:
-                from medsynth.data.volumes import Normalization
-
                 x = Normalization.from_unit(x, float(prediction["norm_low"][i]), float(prediction["norm_high"][i]))
             x = x.numpy().astype(np.float32)
             extra = {"source": source, "kind": "autoencoder reconstruction"}

@@ -17,6 +17,7 @@ from typing import Callable, Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from medsynth.data.classes import ClassImageDataModule, class_map_files
 from medsynth.data.datamodules import SegGuidedImageDataModule
@@ -143,12 +144,12 @@ class MNI152SliceDataModule(SegGuidedImageDataModule):
         self,
         plane: Plane = "axial",
         cache_dir: Optional[Path] = None,
-        num_classes: int = 3,
-        image_size: int = 64,
-        batch_size: int = 8,
-        num_workers: int = 2,
+        num_classes: NonNegativeInt = 3,
+        image_size: PositiveInt = 64,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
         random_flip: bool = True,
-        num_samples: int = 16,
+        num_samples: PositiveInt = 16,
     ) -> None:
         if num_classes not in (0, len(CLASS_NAMES)):
             raise DataError(f"data.num_classes={num_classes}: the MNI152 demo has {len(CLASS_NAMES)} classes (or 0)")
@@ -194,10 +195,10 @@ class MNI152PlaneDataModule(ClassImageDataModule):
     def __init__(
         self,
         cache_dir: Optional[Path] = None,
-        image_size: int = 64,
-        batch_size: int = 8,
-        num_workers: int = 2,
-        samples_per_class: int = 8,
+        image_size: PositiveInt = 64,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
+        samples_per_class: PositiveInt = 8,
     ) -> None:
         self.cache = Path(cache_dir or default_cache_dir())
         super().__init__(
@@ -378,13 +379,13 @@ class MNI152VolumeDataModule(VolumeDataModule):
         self,
         cache_dir: Optional[Path] = None,
         resolution_mm: float = 2.0,
-        patch_size: int = 32,
+        patch_size: PositiveInt = 32,
         percentiles: tuple[float, float] = (0.5, 99.5),
-        samples_per_volume: int = 8,
-        queue_length: int = 64,
-        val_patches_per_volume: int = 4,
-        batch_size: int = 2,
-        num_workers: int = 2,
+        samples_per_volume: PositiveInt = 8,
+        queue_length: PositiveInt = 64,
+        val_patches_per_volume: PositiveInt = 4,
+        batch_size: PositiveInt = 2,
+        num_workers: NonNegativeInt = 2,
         random_flip: bool = True,
         random_rot90: bool = True,
         predict_split: Literal["all", "train", "val", "test"] = "all",

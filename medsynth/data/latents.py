@@ -25,6 +25,7 @@ from medsynth.contracts import FromModel
 from medsynth.data.base import SPLITS, MedsynthDataModule, resolve_listed_path, split_by_name
 from medsynth.data.image2d import read_mask
 from medsynth.data.manifest import load_json
+from medsynth.data.volumes import read_label_map
 from medsynth.errors import DataError
 from medsynth.io import check_complete, read_npy
 
@@ -142,8 +143,6 @@ def read_latent_mask(path: str | Path, num_classes: int) -> tuple[torch.Tensor, 
         DataError: one line naming the file (unreadable, non-integer, a label ``>= num_classes``).
     """
     if is_label_volume(path):
-        from medsynth.data.volumes import read_label_map
-
         labels, affine = read_label_map(path, num_classes)
         return torch.from_numpy(labels), affine
     return torch.from_numpy(read_mask(Path(path), num_classes).astype(np.int64)), None

@@ -55,3 +55,19 @@ def test_bare_overwrite_switch_becomes_true():
     assert expand_flags(["predict", "--overwrite"]) == ["predict", "--overwrite=true"]
     assert expand_flags(["--overwrite", "--seed", "1"]) == ["--overwrite=true", "--seed", "1"]
     assert expand_flags(["--overwrite", "false"]) == ["--overwrite", "false"]
+
+
+@pytest.mark.parametrize("config, data_class", [
+    ("encode3d.yaml", "medsynth.data.MNI152VolumeDataModule"),  # make demo-3d, demo-3d-seg
+    ("encode2d.yaml", "medsynth.data.ClassImageDataModule"),  # docs/latent.md, class-guided LDM
+    ("vae2d.yaml", "medsynth.data.MNI152SliceDataModule"),
+])
+def test_switching_the_data_class_after_a_recipe_keeps_a_printable_config(config, data_class, capsys):
+    """A value typed by the recipe's data class (e.g. NonNegativeInt) carried to another class must still serialise:
+    the run folder's config.yaml is written from it."""
+    from medsynth.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", str(ROOT / "configs" / config), "--data", data_class, "--print_config"])
+    assert exc.value.code in (0, None)
+    assert f"class_path: {data_class}" in capsys.readouterr().out
