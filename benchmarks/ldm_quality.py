@@ -35,6 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsynth.data import SegGuidedImageDataModule
+from medsynth.data.latents import LatentDataModule
+from medsynth.modules.loading import load_module
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import SEG_DATASETS, build  # noqa: E402
 from recipe_quality import (  # noqa: E402
@@ -48,6 +52,8 @@ from recipe_quality import (  # noqa: E402
     print_table,
     run,
 )
+from sampler_speed import DDPM_SAMPLERS, FLOW_SAMPLERS  # noqa: E402
+from sampler_speed import run as timed  # noqa: E402
 
 EPSILON = ["--model.objective", "medsynth.diffusion.DDPMObjective", "--model.objective.prediction_type", "epsilon",
            "--model.sampler", "medsynth.diffusion.DDIMSampler", "--model.sampler.num_inference_steps", "50"]
@@ -98,8 +104,6 @@ def judge_dice(segmenter, images: torch.Tensor, masks: torch.Tensor) -> float:
 
 def real_test_split(root: Path, info: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The real test images ``(B, 1, S, S)`` in [-1, 1] and masks ``(B, S, S)``, as the judge was trained to see them."""
-    from medsynth.data import SegGuidedImageDataModule
-
     dm = SegGuidedImageDataModule(root / "images", root / "masks", num_classes=info["num_classes"],
                                   image_size=image_size, num_workers=0, random_flip=False)
     dm.setup("test")
@@ -109,8 +113,6 @@ def real_test_split(root: Path, info: dict, image_size: int) -> tuple[torch.Tens
 
 def reconstruction_ceiling(vae_ckpt: Path, judge_ckpt: Path, root: Path, info: dict, image_size: int) -> dict:
     """The judge's Dice on the real test images and on their VAE reconstructions (see the module docstring)."""
-    from medsynth.modules.loading import load_module
-
     images, masks = real_test_split(root, info, image_size)
     segmenter, vae = load_module(judge_ckpt), load_module(vae_ckpt)
     recon = vae.reconstruct(images).clamp(-1, 1)
@@ -136,23 +138,17 @@ def sampler_sweep(ldm_ckpt: Path, latents: Path, judge_ckpt: Path, num_classes: 
                   steps: list[int], repeats: int) -> list[dict]:
     """Every sampler that fits the model's objective at every step count: fraction of ``real_dice`` and seconds per
     image (see the module docstring)."""
-    from sampler_speed import DDPM_SAMPLERS, FLOW_SAMPLERS
-    from sampler_speed import run as timed
-
-    from medsynth.data.image2d import resize_mask
-    from medsynth.data.latents import LatentDataModule
-    from medsynth.modules.loading import load_module
-
     ldm, segmenter = load_module(ldm_ckpt), load_module(judge_ckpt)
     dm = LatentDataModule(manifest=latents / "latents.json", num_classes=num_classes, num_workers=0)
     dm.setup("test")
-    # a model loaded outside a trainer does not know its latents' scaling (its arguments do not name it) and would
-    # take standardised latents for min-max ones, clipping them to [-1, 1] as `medsynth predict` does not
-    ldm.latent_space.setdefault("method", dm.info["scaling"]["method"])
+    # a model trained before its arguments named its latents' scaling, loaded outside a trainer, would take
+    # standardised latents for min-max ones and clip them to [-1, 1], as `medsynth predict` does not
+    space = getattr(ldm, "latent_space", None)
+    if space is not None:
+        space.setdefault("method", dm.info["scaling"]["method"])
     items = [dm.datasets["test"][i] for i in range(len(dm.datasets["test"]))]
     latent_masks = torch.stack([it["mask"] for it in items])
-    size = ldm.codec().image_size
-    image_masks = torch.stack([resize_mask(it["image_mask"], size) for it in items]).long()
+    image_masks = torch.stack([it["image_mask"] for it in items]).long()  # as encoded: the image's size
     flow = ldm.objective.family == "flow"
     families = [(n, c) for n, c in (FLOW_SAMPLERS if flow else DDPM_SAMPLERS) if n != "Heun"]
     model = _Decoded(ldm)
