@@ -89,6 +89,55 @@ def judge(name: str, root: Path, info: dict, work: Path, image_size: int, steps:
     return ckpt, flags, float(json.loads(real.read_text())["scores"][key])
 
 
+def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Path, judged: tuple,
+                  image_size: int, judge_root: Path, no_fit: bool = False):
+    """Train variant ``vname`` (``base``: its config and data flags) once up to the largest budget with a
+    checkpoint at each, then sample each budget with ``medsynth predict`` and score it with the judge
+    (``judged``: checkpoint, config flags, score key, ceiling); yields one result row per budget."""
+    judge_ckpt, judge_flags, key, ceiling = judged
+    run_dir = runs / f"{vname}_{ds}_{image_size}"
+    log = runs / f"{vname}_{ds}_{image_size}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    every = budgets[0] if all(b % budgets[0] == 0 for b in budgets) else 100
+    fit_s = float("nan") if no_fit else run(MEDSYNTH + [
+        "fit", *base, "--trainer.max_steps", budgets[-1], "--trainer.default_root_dir", run_dir,
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=medsynth.callbacks.RunCheckpoint",
+        "--trainer.callbacks.every_n_train_steps", every, "--trainer.callbacks.save_top_k", -1,
+        "--trainer.callbacks.filename", "budget-{step:07d}"], log)
+    for steps in budgets:
+        ckpt = run_dir / "checkpoints" / f"budget-step={steps:07d}.ckpt"
+        if not ckpt.is_file():  # a max_time in the recipe stopped the run before this budget
+            ckpt = run_dir / "checkpoints" / "last.ckpt"
+        out = run_dir / f"samples_{steps}"
+        pred_s = run(MEDSYNTH + ["predict", *base, "--ckpt_path", ckpt, "--output_dir", out, "--overwrite",
+                                 "--trainer.enable_progress_bar", "false"], log)
+        run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data",
+                        "medsynth.data.SampleDirDataModule", "--data.samples_dir", out,
+                        "--data.overwrite", "true", "--trainer.default_root_dir", judge_root], log)
+        score = json.loads((out / "scores.json").read_text())["scores"][key]
+        reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+        print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
+              f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s", flush=True)
+        yield {"dataset": ds, "variant": vname, "flags": shlex.join(map(str, base)), "steps": steps,
+               "steps_reached": reached, "image_size": image_size, "score": round(score, 4),
+               "ceiling": round(ceiling, 4), "fraction": round(score / ceiling, 3),
+               "fit_seconds_total": None if no_fit else round(fit_s), "predict_seconds": round(pred_s)}
+
+
+def merge_row(results: list[dict], row: dict) -> list[dict]:
+    """``results`` with ``row`` replacing an earlier row of the same dataset, variant, budget and image size."""
+    same = ("dataset", "variant", "steps", "image_size")
+    return [r for r in results if tuple(r[k] for k in same) != tuple(row[k] for k in same)] + [row]
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'dataset':14s} {'variant':24s} {'steps':>6s} {'fraction':>8s} {'score':>6s} {'ceiling':>7s} {'fit s':>6s}")
+    for r in sorted(results, key=lambda r: (r["dataset"], r["variant"], r["steps"])):
+        print(f"{r['dataset']:14s} {r['variant']:24s} {r['steps']:6d} {r['fraction']:8.3f} {r['score']:6.3f} "
+              f"{r['ceiling']:7.3f} {r['fit_seconds_total'] or 0:6d}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=["coronal4", "sagittal4_t2"],
@@ -125,46 +174,16 @@ def main() -> None:
         info = build(ds, root)
         judge_ckpt, judge_flags, ceiling = judge(ds, root, info, args.work, args.image_size, args.judge_steps)
         print(f"[{ds}] judge ceiling {ceiling:.3f} ({'Dice' if info['kind'] == 'seg' else 'accuracy'})", flush=True)
+        key = "test/dice" if info["kind"] == "seg" else "test/accuracy"
         for vname, v in variants.items():
-            run_dir = args.work / "runs" / f"{vname}_{ds}_{args.image_size}"
-            log = args.work / "runs" / f"{vname}_{ds}_{args.image_size}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
             cfg = [a for c in v["configs"] for a in ("--config", CONFIGS / c)]
             base = [*cfg, *v["flags"], *shlex.split(args.flags), *data_flags(ds, root, info, args.image_size)]
-            every = budgets[0] if all(b % budgets[0] == 0 for b in budgets) else 100
-            fit_s = float("nan") if args.no_fit else run(MEDSYNTH + [
-                "fit", *base, "--trainer.max_steps", budgets[-1], "--trainer.default_root_dir", run_dir,
-                "--trainer.enable_progress_bar", "false",
-                "--trainer.callbacks+=medsynth.callbacks.RunCheckpoint",
-                "--trainer.callbacks.every_n_train_steps", every, "--trainer.callbacks.save_top_k", -1,
-                "--trainer.callbacks.filename", "budget-{step:07d}"], log)
-            for steps in budgets:
-                ckpt = run_dir / "checkpoints" / f"budget-step={steps:07d}.ckpt"
-                if not ckpt.is_file():  # a max_time in the recipe stopped the run before this budget
-                    ckpt = run_dir / "checkpoints" / "last.ckpt"
-                out = run_dir / f"samples_{steps}"
-                pred_s = run(MEDSYNTH + ["predict", *base, "--ckpt_path", ckpt, "--output_dir", out, "--overwrite",
-                                         "--trainer.enable_progress_bar", "false"], log)
-                run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data",
-                                "medsynth.data.SampleDirDataModule", "--data.samples_dir", out,
-                                "--data.overwrite", "true", "--trainer.default_root_dir", args.work / "judges"], log)
-                scores = json.loads((out / "scores.json").read_text())["scores"]
-                score = scores["test/dice" if info["kind"] == "seg" else "test/accuracy"]
-                reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
-                row = {"dataset": ds, "variant": vname, "flags": shlex.join(map(str, base)), "steps": steps,
-                       "steps_reached": reached, "image_size": args.image_size, "score": round(score, 4),
-                       "ceiling": round(ceiling, 4), "fraction": round(score / ceiling, 3),
-                       "fit_seconds_total": None if args.no_fit else round(fit_s), "predict_seconds": round(pred_s)}
-                results = [r for r in results if (r["dataset"], r["variant"], r["steps"], r["image_size"])
-                           != (ds, vname, steps, args.image_size)] + [row]
-                print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
-                      f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s", flush=True)
+            for row in fit_and_score(ds, vname, base, budgets, args.work / "runs", (judge_ckpt, judge_flags, key, ceiling),
+                                     args.image_size, args.work / "judges", args.no_fit):
+                results = merge_row(results, row)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'dataset':14s} {'variant':24s} {'steps':>6s} {'fraction':>8s} {'score':>6s} {'ceiling':>7s} {'fit s':>6s}")
-    for r in sorted(results, key=lambda r: (r["dataset"], r["variant"], r["steps"])):
-        print(f"{r['dataset']:14s} {r['variant']:24s} {r['steps']:6d} {r['fraction']:8.3f} {r['score']:6.3f} "
-              f"{r['ceiling']:7.3f} {r['fit_seconds_total'] or 0:6d}")
+    print_table(results)
     print(f"wrote {args.out}")
 
 

@@ -28,8 +28,10 @@ TINY_LDM2D = ["--config", str(ROOT / "configs/ldm2d.yaml"), "--model.net.init_ar
               "--model.net.init_args.attention_levels", "[false, false]", "--model.net.init_args.layers_per_block", "1",
               "--model.net.init_args.norm_num_groups", "4", "--model.sampler.init_args.num_inference_steps", "2",
               "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false"]
-"""A seconds-long 2D latent UNet with 2 sampling steps; add the latent manifest and the conditioning flags."""
+              "--trainer.enable_progress_bar", "false", "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.val_check_interval", "1.0"]
+"""A seconds-long 2D latent UNet with 2 sampling steps, validated every epoch of the tiny data (the recipe validates
+by steps); add the latent manifest and the conditioning flags."""
 
 
 @pytest.fixture
