@@ -37,7 +37,7 @@ import torch
 
 from medsynth.data import SegGuidedImageDataModule
 from medsynth.data.latents import LatentDataModule
-from medsynth.modules.loading import load_module
+from medsynth.loading import load_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import SEG_DATASETS, build  # noqa: E402
