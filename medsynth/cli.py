@@ -365,7 +365,7 @@ class RunConfigCallback(SaveConfigCallback):
             if trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
                 text = self.parser.dump(self.config, skip_none=False)
-                atomic_write(folder / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+                atomic_write(folder / "config.yaml", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
             self.already_saved = True
             return
         if stage == "predict":  # sampling without an output folder: nothing to keep

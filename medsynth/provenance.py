@@ -90,7 +90,7 @@ def provenance(path: str | Path) -> Optional[dict]:
         if not descrip.startswith(NIFTI_DESCRIP):
             return None
         side = sidecar_path(path)
-        data = json.loads(side.read_text()) if side.is_file() else {}
+        data = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
         return data | {"synthetic": True, "descrip": descrip}
     if path.suffix.lower() == ".png":
         try:
@@ -104,7 +104,7 @@ def provenance(path: str | Path) -> Optional[dict]:
     side = sidecar_path(path)
     if side.is_file() and side != path:
         try:
-            data = json.loads(side.read_text())
+            data = json.loads(side.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
         return data if data.get("synthetic") is True else None

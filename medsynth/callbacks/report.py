@@ -279,7 +279,7 @@ class SampleReport(L.Callback):
         if not path.is_file():
             return None, ("no real-image ceiling: run `medsynth test` with this judge on the real test split first "
                           f"(it keeps its scores in {path})")
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("judge_sha256") != file_sha256(judge):
             return None, (f"no real-image ceiling: {path} was measured with another checkpoint ({saved.get('judge')}); "
                           "test this one on the real test split")
@@ -317,7 +317,7 @@ class SampleReport(L.Callback):
             lines += ["", "![samples](grid.png)"]
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
         text = "\n".join(lines) + "\n"
-        atomic_write(samples_dir / "report.md", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(samples_dir / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _now() -> str:

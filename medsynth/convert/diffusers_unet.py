@@ -57,7 +57,7 @@ class DiffusersUNetConverter:
 
     def detect(self, source: Path) -> bool:
         try:
-            config = json.loads((_unet_folder(Path(source)) / "config.json").read_text())
+            config = json.loads((_unet_folder(Path(source)) / "config.json").read_text(encoding="utf-8"))
             return isinstance(config, dict) and config.get("_class_name") == UNET_CLASS
         except (OSError, ValueError):
             return False

@@ -101,12 +101,12 @@ def export_diffusers(model: DiffusionModule, folder: str | Path) -> Path:
 
     def write_unet(tmp: Path) -> None:
         model.net.save_pretrained(tmp, sample_size=model.image_size)
-        config = json.loads((tmp / "config.json").read_text())
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         record = export_record(model)
         # diffusers drops "_" keys silently but prints any other key it does not know on every load: an export
         # the reference pipeline samples wrongly says so to whoever loads it
         config[EXPORT_RECORD_KEY if record["reference_pipeline"] != "compatible" else "_" + EXPORT_RECORD_KEY] = record
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     _replace_whole(folder / "unet", write_unet)
     _replace_whole(folder / "scheduler", lambda tmp: scheduler.save_pretrained(str(tmp)))

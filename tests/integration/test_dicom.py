@@ -5,6 +5,7 @@ one line naming its folder, also through the installed ``medsynth`` command."""
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import SimpleITK as sitk
 from medsynth.cli import main
 from medsynth.data.volumes import VolumeDataModule, read_volume, read_volume_manifest
 from medsynth.errors import DataError
+from medsynth.io import read_itk_volume
 from tests.integration.test_console_refusals import medsynth
 from tests.unit.test_volume_units import ct_phantom
 
@@ -37,7 +39,18 @@ def ct_image(seed: int = 0, shape=(16, 16, 16)) -> sitk.Image:
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> Path:
-    """One DICOM file per slice, as a scanner exports a CT series (positions, orientation, one series UID)."""
+    """One DICOM file per slice, as a scanner exports a CT series (positions, orientation, one series UID).
+
+    GDCM sets the process's locale to "C" when it writes; it is put back, or every later test would read and write
+    text as ASCII."""
+    kept = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(image, folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, kept)
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -211,3 +224,12 @@ def test_resampling_applies_to_dicom_as_to_nifti(scans):
     np.testing.assert_allclose(items["dicom"]["affine"], items["nii.gz"]["affine"], atol=1e-4)
     np.testing.assert_allclose(items["dicom"]["image"], items["nii.gz"]["image"], atol=1e-5)
     assert nib.aff2axcodes(items["dicom"]["affine"].numpy()) == ("R", "A", "S")
+
+
+def test_reading_a_series_keeps_the_process_locale(tmp_path):
+    """GDCM sets the C locale while it works; after medsynth reads a series, Python still reads and writes text in
+    the user's encoding (a later config.yaml or report.md with a non-ASCII path would fail otherwise)."""
+    folder = write_dicom_series(ct_image(), tmp_path / "series", "1.2.826.0.1.3680043.2.1125.9")
+    before = locale.setlocale(locale.LC_CTYPE)
+    read_itk_volume(folder)
+    assert locale.setlocale(locale.LC_CTYPE) == before

@@ -619,7 +619,7 @@ def test_a_moved_run_resumes_into_its_own_last_checkpoint_and_overridden_flags_a
 
 
 def test_a_predict_failing_midway_leaves_its_folder_marked_incomplete(seg_run, tmp_path, capsys, monkeypatch):
-    from medsynth.callbacks import writers
+    from medsynth import writers
 
     calls = []
     real = writers.save_npy

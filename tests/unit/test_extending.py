@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 def example_blocks() -> tuple[str, str]:
     """The python and yaml blocks of the worked example (the first of each in the page)."""
-    text = DOC.read_text()
+    text = DOC.read_text(encoding="utf-8")
     python = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     yaml = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     return python, yaml
@@ -44,4 +44,4 @@ def test_the_documented_net_trains_and_samples(seg_dataset, tmp_path, monkeypatc
         sys.modules.pop("mynets", None)
     samples = sorted((out / "samples").glob("*.npy"))
     assert len(samples) == len(list((seg_dir / "all" / "test").iterdir()))
-    assert json.loads((out / "metadata.json").read_text())["checkpoint"].endswith("last.ckpt")
+    assert json.loads((out / "metadata.json").read_text(encoding="utf-8"))["checkpoint"].endswith("last.ckpt")
