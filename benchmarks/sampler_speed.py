@@ -32,6 +32,7 @@ from demo_faithfulness import fit_thresholds, mean_dice, split_arrays
 
 from medsynth.data.demo import MNI152SliceDataModule
 from medsynth.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, HeunSampler, UniPCSampler
+from medsynth.diffusion.analytic import ode_error
 from medsynth.loading import load_module
 
 DDPM_SAMPLERS = (("DDIM", DDIMSampler), ("DPM-Solver++ 2M", DPMSolverSampler), ("UniPC", UniPCSampler))
@@ -57,37 +58,6 @@ def run(module, sampler, masks, repeats: int) -> tuple[float, int, list]:
     return statistics.median(times), len(calls), [x[0].float().numpy() for x in out]
 
 
-def gaussian_ode_error(sampler, objective, mu: float = 0.3, sd: float = 0.5) -> float:
-    """Largest distance between ``sampler``'s result and the exact probability-flow ODE end point when the net is
-    the exact denoiser of data N(mu, sd²) (3 samples of 8 × 8, seeds 0-2)."""
-    from medsynth.diffusion.samplers import initial_noise
-
-    flow = objective.family == "flow"
-
-    def coefficients(t):  # xt = a x0 + s eps
-        if flow:
-            s = t.double() / objective.num_train_timesteps
-            return 1 - s, s
-        abar = objective.alphas_cumprod.double()[t.long().cpu()]
-        return abar.sqrt(), (1 - abar).sqrt()
-
-    def denoise(xt, t):
-        a, s = (v.view(-1, 1, 1, 1) for v in coefficients(t))
-        x0 = mu + a * sd**2 / (a**2 * sd**2 + s**2) * (xt.double() - a * mu)  # E[x0 | xt]
-        eps = (xt.double() - a * x0) / s
-        if flow:
-            return (eps - x0).float()
-        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[objective.prediction_type].float()
-
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    z = initial_noise((1, 8, 8), gens)
-    scheduler = sampler.make_scheduler(objective, (8, 8))
-    scheduler.set_timesteps(sampler.num_inference_steps)
-    a, s = coefficients(torch.as_tensor([scheduler.timesteps[0]]))  # where the sampler starts the ODE
-    exact = mu + sd * (z.double() - a * mu) / (a**2 * sd**2 + s**2).sqrt()  # the standardised coordinate is kept
-    return float((sampler.sample(denoise, z, objective, gens).double() - exact).abs().max())
-
-
 def analytic(steps: list[int], out: Path) -> None:
     """Print and save the discretisation error of every sampler at every step count (see the module docstring)."""
     from medsynth.diffusion import DDPMObjective, RectifiedFlowObjective
@@ -102,7 +72,7 @@ def analytic(steps: list[int], out: Path) -> None:
             errors = {}
             for n in steps:
                 kwargs = {"clip_sample": False} if "clip_sample" in cls.__init__.__code__.co_varnames else {}
-                errors[n] = round(gaussian_ode_error(cls(n, progress=False, **kwargs), objective), 4)
+                errors[n] = round(ode_error(cls(n, progress=False, **kwargs), objective), 4)
             rows.append({"objective": objective_name, "sampler": name, "max_error": errors})
     print(f"{'objective':16s} {'sampler':24s} " + " ".join(f"{n:>7d}" for n in steps) + "   (steps)")
     for r in rows:

@@ -72,48 +72,12 @@ from medsynth.diffusion import (  # noqa: E402
     RectifiedFlowObjective,
     UniPCSampler,
 )
+from medsynth.diffusion.analytic import ode_error as exact_ode_error  # noqa: E402
 from medsynth.errors import MedsynthError  # noqa: E402
 
-MU, SD = 0.3, 0.5
-"""Gaussian data N(MU, SD^2) per pixel: its exact denoiser is linear and its probability-flow ODE has a closed form."""
 
-
-def gaussian_denoiser(objective):
-    """The exact net output for Gaussian data, for any prediction type (and the rectified-flow velocity)."""
-    flow = objective.family == "flow"
-
-    def coefficients(t):  # xt = a x0 + s eps
-        if flow:
-            s = t.double() / objective.num_train_timesteps
-            return 1 - s, s
-        abar = objective.alphas_cumprod.double()[t.long().cpu()]
-        return abar.sqrt(), (1 - abar).sqrt()
-
-    def denoise(xt, t):
-        a, s = (v.view(-1, 1, 1, 1) for v in coefficients(t))
-        xt = xt.double()
-        x0 = MU + a * SD**2 / (a**2 * SD**2 + s**2) * (xt - a * MU)  # E[x0 | xt]
-        eps = (xt - a * x0) / s
-        if flow:
-            return (eps - x0).float()
-        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[objective.prediction_type].float()
-
-    def exact(z, t0):
-        """Where the ODE started at ``z`` at timestep ``t0`` ends: the standardised coordinate is conserved."""
-        a, s = coefficients(torch.as_tensor([t0]))
-        return (MU + SD * (z.double() - a * MU) / (a**2 * SD**2 + s**2).sqrt()).float()
-
-    return denoise, exact
-
-
-def ode_error(sampler, objective, seeds=range(3)):
-    gens = [torch.Generator().manual_seed(i) for i in seeds]
-    z = initial_noise((1, 6, 6), gens)
-    scheduler = sampler.make_scheduler(objective, (6, 6))
-    scheduler.set_timesteps(sampler.num_inference_steps)
-    denoise, exact = gaussian_denoiser(objective)
-    x = sampler.sample(denoise, z, objective, gens)
-    return float((x - exact(z, scheduler.timesteps[0])).abs().max())
+def ode_error(sampler, objective):
+    return exact_ode_error(sampler, objective, size=6)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
