@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import DiceMetric
 
+from medsynth.data.latents import read_latent_manifest
 from medsynth.data.volumes import Normalization, read_label_map, read_volume
 from medsynth.io import save_json
 from medsynth.modules.segmenter import SegmenterModule
@@ -32,8 +34,6 @@ def dice(judge: SegmenterModule, image: Path, labels: Path, window: int, normali
     pred = judge.segment(x[None].float(), window)
     k = judge.num_classes
     one_hot = lambda m: torch.nn.functional.one_hot(m.long(), k).movedim(-1, 1)  # noqa: E731
-    from monai.metrics import DiceMetric
-
     score = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(
         one_hot(pred), one_hot(torch.from_numpy(mask)[None]))
     return [float(v) for v in score[0]]
@@ -55,11 +55,9 @@ def main() -> None:
     rows = {}
     pairs = [tuple(pair) for pair in args.real]
     if args.latents:
-        from medsynth.data.latents import read_latent_manifest
-
         pairs += [(r["source"], r["mask"]) for r in read_latent_manifest(args.latents)["records"] if r.get("mask")]
     for image, labels in pairs:
-        rows[f"real {Path(image).name}"] = dice(judge, Path(image), Path(labels), args.window, norm)
+        rows[f"real {image}"] = dice(judge, Path(image), Path(labels), args.window, norm)
     for sample in sorted((args.samples / "samples").glob("*.nii.gz")):
         rows[f"sample {sample.name}"] = dice(judge, sample, args.samples / "masks" / sample.name, args.window, norm)
     table = {name: {"per_class": v, "mean": float(np.nanmean(v))} for name, v in rows.items()}

@@ -63,7 +63,8 @@ class SampleGridLogger(L.Callback):
         n = min(self.num_samples, batch["image"].shape[0])
         mask = batch["mask"][:n] if "mask" in batch else None
         labels = batch["label"][:n] if "label" in batch else None
-        samples = pl_module.sample(mask, labels, indices=list(range(n)), seed=self.seed)
+        full = batch["full_mask"][:n] if "full_mask" in batch else None
+        samples = pl_module.sample(mask, labels, indices=list(range(n)), seed=self.seed, full_mask=full)
         samples, real = self._decoded(pl_module, samples, batch["image"][:n])
         rows = []
         if mask is not None and samples.ndim == 4:

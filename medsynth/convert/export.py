@@ -30,7 +30,9 @@ def reference_incompatibilities(model: DiffusionModule) -> list[str]:
     channel, no class labels, images out) would sample an export of this model wrongly; empty if they would
     not."""
     problems = []
-    if model.conditional and mask_channels(model.num_classes, model.mask_encoding) != 1:
+    if model.conditional and model.mask_encoding == "patch_embedding":
+        problems.append("patch-embedded masks (the embedding is not part of the UNet)")
+    elif model.conditional and mask_channels(model.num_classes, model.mask_encoding) != 1:
         problems.append(f"{model.mask_encoding} masks of {mask_channels(model.num_classes, model.mask_encoding)} "
                         "channels (the reference reads one k/255 channel: train with model.mask_encoding scalar)")
     if model.objective.family != "diffusion":
@@ -79,6 +81,9 @@ def export_diffusers(model: DiffusionModule, folder: str | Path) -> Path:
 
     if not hasattr(model.net, "save_pretrained"):
         raise MedsynthError(f"{type(model.net).__name__} cannot be exported in diffusers format")
+    if getattr(model, "mask_embedding", None) is not None:
+        raise MedsynthError("a model with patch-embedded masks (model.mask_encoding patch_embedding) cannot be "
+                            "exported in diffusers format: the embedding is not part of the UNet")
     folder = Path(folder)
     diffusion = model.objective.family == "diffusion"
     if diffusion:

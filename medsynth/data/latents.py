@@ -26,6 +26,7 @@ from medsynth.data.base import SPLITS, MedsynthDataModule, resolve_listed_path, 
 from medsynth.data.image2d import read_mask
 from medsynth.data.manifest import load_json
 from medsynth.data.volumes import read_label_map
+from medsynth.diffusion.conditioning import reduce_to_grid
 from medsynth.errors import DataError
 from medsynth.io import check_complete, read_npy
 
@@ -103,29 +104,30 @@ def _finite_range(low: object, high: object) -> bool:
     return numbers and low < high
 
 
-def random_crop(z: torch.Tensor, mask: Optional[torch.Tensor], size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A random cube of side ``size`` of a latent ``(C, *spatial)`` and the same window of its mask ``(*spatial)``."""
+def random_crop(z: torch.Tensor, masks: dict, size: int, factor: int = 1) -> tuple[torch.Tensor, dict]:
+    """A random cube of side ``size`` of a latent ``(C, *spatial)`` and the same window of its masks: ``mask`` on
+    the latent grid ``(*spatial)``, ``full_mask`` at image resolution ``(*spatial * factor)``; ``None`` stays."""
     starts = [int(torch.randint(0, s - size + 1, ())) for s in z.shape[1:]]
     window = tuple(slice(a, a + size) for a in starts)
-    return z[(slice(None), *window)], (mask[window] if mask is not None else None)
+    fine = tuple(slice(a * factor, (a + size) * factor) for a in starts)
+    out = {k: (v[fine if k == "full_mask" else window] if v is not None else None) for k, v in masks.items()}
+    return z[(slice(None), *window)], out
 
 
 class RandomSizeCrop:
     """Collates training latents cropped to one side drawn per batch from ``sizes`` (each crop at its own random
     place), so a net sees every latent size it is meant to generate; a picklable ``collate_fn``."""
 
-    def __init__(self, sizes: list[int]) -> None:
-        self.sizes = list(sizes)
+    def __init__(self, sizes: list[int], factor: int = 1) -> None:
+        self.sizes, self.factor = list(sizes), int(factor)
 
     def __call__(self, items: list[dict]) -> dict:
         size = self.sizes[int(torch.randint(0, len(self.sizes), ()))]
         out = []
         for item in items:
-            z, mask = random_crop(item["image"], item.get("mask"), size)
-            item = dict(item, image=z.contiguous())
-            if mask is not None:
-                item["mask"] = mask.contiguous()
-            out.append(item)
+            masks = {k: item[k] for k in ("mask", "full_mask") if k in item}
+            z, masks = random_crop(item["image"], masks, size, self.factor)
+            out.append(dict(item, image=z.contiguous(), **{k: v.contiguous() for k, v in masks.items()}))
         return default_collate(out)
 
 
@@ -149,23 +151,27 @@ def read_latent_mask(path: str | Path, num_classes: int) -> tuple[torch.Tensor, 
 
 
 def mask_on_latent_grid(mask: torch.Tensor, latent_shape: Sequence[int], factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A mask at image resolution ``(*spatial)`` put on the latent grid ``latent_shape`` by nearest neighbour.
+    """A mask at image resolution ``(*spatial)`` put on the latent grid ``latent_shape``: each latent voxel takes
+    the majority label of the ``factor``-sided block of image voxels it encodes (:func:`reduce_to_grid`).
 
     The encoder padded each image at the end of every axis to a multiple of its patch (background): a mask that
-    fits inside ``latent_shape * factor`` is padded the same way (with 0) first, so each latent voxel gets the
-    label of the image voxels it encodes. Returns the latent-grid mask and the (padded) image-resolution mask.
+    fits inside ``latent_shape * factor`` is padded the same way (with 0) first. A mask of any other size is
+    resized by nearest neighbour. Returns the latent-grid mask and the (padded) image-resolution mask.
     """
     full = [int(s) * int(factor) for s in latent_shape]
     if list(mask.shape) != full and all(m <= f for m, f in zip(mask.shape, full)):
         pad = [p for m, f in zip(reversed(mask.shape), reversed(full)) for p in (0, f - m)]
         mask = F.pad(mask, pad)
+    if list(mask.shape) == full:
+        return reduce_to_grid(mask, int(factor)), mask
     small = F.interpolate(mask[None, None].float(), size=tuple(latent_shape), mode="nearest")[0, 0].long()
     return small, mask
 
 
 class LatentDataset(Dataset):
-    """Scaled latents ``image`` ``(C, *spatial)`` (+ ``label``, + ``mask`` resized to the latent grid), randomly
-    cropped to ``crop_size`` and flipped when training.
+    """Scaled latents ``image`` ``(C, *spatial)`` (+ ``label``, + ``mask`` on the latent grid and ``full_mask``,
+    the same window at image resolution ``(*spatial * factor)``), randomly cropped to ``crop_size`` and flipped
+    when training.
 
     Uncropped items also carry ``image_mask`` (the mask at image resolution, padded as the encoder padded the
     image); volumes' label maps add ``affine`` and ``mask_path``, so samples are written in the label map's geometry.
@@ -196,19 +202,20 @@ class LatentDataset(Dataset):
                 raise DataError(f"{rec['mask']}: mask of shape {list(m.shape)}, but its latent {rec['latent']} encodes "
                                 f"an image of shape {list(rec['image_shape'])}")
             mask, m = mask_on_latent_grid(m, z.shape[1:], self.downsample_factor)
+            full = m if list(m.shape) == [s * self.downsample_factor for s in mask.shape] else None
             if not self.crop_size and not self.defer_crop:
                 item["image_mask"] = m  # at image resolution: what a sample decoded from this latent should follow
                 if affine is not None:
                     item["affine"], item["mask_path"] = torch.from_numpy(affine), str(rec["mask"])
+        masks = {"mask": mask, "full_mask": full} if mask is not None else {}
         if self.crop_size and not self.defer_crop:
-            z, mask = random_crop(z, mask, self.crop_size)
+            z, masks = random_crop(z, masks, self.crop_size, self.downsample_factor)
         for axis in self.flip_axes:  # spatial axes where a mirror image is still plausible anatomy
             if torch.rand(()) < 0.5:
                 z = z.flip(axis + 1)
-                mask = mask.flip(axis) if mask is not None else None
+                masks = {k: v.flip(axis) if v is not None else None for k, v in masks.items()}
         item["image"] = z.contiguous()
-        if mask is not None:
-            item["mask"] = mask.contiguous()
+        item.update({k: v.contiguous() for k, v in masks.items() if v is not None})
         if "label" in rec:
             item["label"] = rec["label"]
         return item
@@ -248,8 +255,8 @@ def padded_side(side: int, multiple: int) -> int:
 
 
 class LabelMapDataset(Dataset):
-    """Label maps to sample on (one sample each): ``mask`` on the latent grid, ``image_mask`` at image resolution
-    (unpadded: samples are cropped back to it), their ``affine``, ``mask_path``, ``name`` (the file name without its
+    """Label maps to sample on (one sample each): ``mask`` on the latent grid, ``full_mask`` at image resolution
+    padded like the latent grid, ``image_mask`` at image resolution (unpadded: samples are cropped back to it), their ``affine``, ``mask_path``, ``name`` (the file name without its
     suffix) and ``index``.
 
     Each label map is padded at the end of every axis with background to a multiple of ``multiple`` voxels (as the
@@ -280,10 +287,10 @@ class LabelMapDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         labels, affine = self.read(index)
         latent = [padded_side(s, self.multiple) // self.factor for s in labels.shape]
-        mask, _ = mask_on_latent_grid(labels, latent, self.factor)
+        mask, full = mask_on_latent_grid(labels, latent, self.factor)
         name = self.files[index].name
         name = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-        return {"index": index, "name": name, "mask": mask, "image_mask": labels,
+        return {"index": index, "name": name, "mask": mask, "full_mask": full, "image_mask": labels,
                 "affine": torch.from_numpy(affine), "mask_path": str(self.files[index])}
 
 
@@ -624,7 +631,8 @@ class LatentDataModule(MedsynthDataModule):
 
     def collate_fn(self, split: str):
         """Training crops every batch to one of the crop sizes (:class:`RandomSizeCrop`) when several are given."""
-        return RandomSizeCrop(self.crop_sizes) if getattr(self.datasets[split], "defer_crop", False) else None
+        deferred = getattr(self.datasets[split], "defer_crop", False)
+        return RandomSizeCrop(self.crop_sizes, self.downsample_factor) if deferred else None
 
 
 def _try_list(source: Path) -> list[Path]:

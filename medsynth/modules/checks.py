@@ -38,14 +38,15 @@ def _forward_fails(net: nn.Module, args: tuple, kwargs: dict, meta: bool) -> Opt
 def denoiser_inputs(model, spatial: Sequence[int]) -> tuple[tuple, dict]:
     """The net inputs a diffusion model builds for one sample of ``spatial`` shape: the noised image with its
     encoded condition as extra channels, the timestep, and the class label (the module's own ``condition``)."""
-    batch = {}
-    if getattr(model, "conditional", False):
-        batch["mask"] = torch.zeros(1, *spatial, dtype=torch.long)
-    if getattr(model, "class_conditional", False):
-        batch["label"] = torch.zeros(1, dtype=torch.long)
-    cond, labels = model.condition(batch)
+    batch = {"label": torch.zeros(1, dtype=torch.long)} if getattr(model, "class_conditional", False) else {}
+    labels = batch.get("label")
     x = torch.zeros(1, int(model.image_channels), *spatial)
-    if cond is not None:
+    if getattr(model, "conditional", False):
+        embedding = getattr(model, "mask_embedding", None)
+        if embedding is not None:  # the embedding's output, without building masks at image resolution
+            cond = torch.zeros(1, embedding.proj.out_channels, *spatial)
+        else:
+            cond = model.condition(dict(batch, mask=torch.zeros(1, *spatial, dtype=torch.long)))[0]
         x = torch.cat([x, cond.to(x.dtype).cpu()], dim=1)
     kwargs = {"class_labels": labels.cpu()} if labels is not None else {}
     return (x, torch.zeros(1, dtype=torch.long)), kwargs

@@ -11,27 +11,20 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from medsynth.contracts import NetFactory
-from medsynth.diffusion.conditioning import (
-    MaskEncoding,
-    ablate_mask,
-    check_guidance,
-    drop_condition,
-    encode_mask,
-    mask_channels,
-    null_condition,
-)
+from medsynth.diffusion.conditioning import MaskEncoding, MaskPatchEmbedding, check_guidance, mask_channels
 from medsynth.diffusion.objectives import DDPMObjective, Objective
 from medsynth.diffusion.samplers import DDIMSampler, Sampler
 from medsynth.errors import MedsynthError
 from medsynth.loading import read_init_weights
 from medsynth.modules.checks import check_training_shapes
 from medsynth.modules.codec import LatentCodec
+from medsynth.modules.conditioned import Conditioned
 from medsynth.modules.generation import Generation
 from medsynth.modules.optim import plain_callable, warmup_schedule
 from medsynth.nets.unet2d import UNet2D
 
 
-class DiffusionModule(Generation, L.LightningModule):
+class DiffusionModule(Generation, Conditioned, L.LightningModule):
     """A denoising diffusion model, unconditional or guided by masks or class labels, in pixel or latent space.
 
     The net sees the noised image with the encoded mask concatenated as extra channels (Konz et al., 2024,
@@ -46,7 +39,9 @@ class DiffusionModule(Generation, L.LightningModule):
         num_classes: mask classes counting background; 0 trains an unconditional model (linked from the data).
         image_channels: image channels (linked from the data).
         image_size: image side in pixels, used for unconditional sampling (linked from the data).
-        mask_encoding: ``one_hot`` (K channels) or ``scalar`` (one channel holding k/255, the reference's).
+        mask_encoding: ``one_hot`` (K channels), ``scalar`` (one channel holding k/255, the reference's) or
+            ``patch_embedding`` (latent space: image-resolution one-hot masks through a learned patch embedding,
+            :class:`~medsynth.diffusion.conditioning.MaskPatchEmbedding`, to ``mask_embedding_channels``).
         mask_ablation_prob: during training, remove each non-background class from each sample's mask with this
             probability, so sampling can condition on any subset of classes. 0 disables.
         class_names: class labels' names, in label order, for class-conditional models (linked from the data;
@@ -93,6 +88,7 @@ class DiffusionModule(Generation, L.LightningModule):
         image_channels: int = 1,
         image_size: int = 64,
         mask_encoding: MaskEncoding = "one_hot",
+        mask_embedding_channels: int = 32,
         mask_ablation_prob: float = 0.0,
         class_names: Optional[list[str]] = None,
         label_drop_prob: float = 0.0,
@@ -133,59 +129,14 @@ class DiffusionModule(Generation, L.LightningModule):
         self.objective = objective if objective is not None else DDPMObjective()
         self.sampler = sampler if sampler is not None else DDIMSampler()
         self.sampler.check(self.objective)
-        in_channels = image_channels + mask_channels(num_classes, mask_encoding)
+        self.mask_block = int((latent_space or {}).get("downsample_factor") or 1)  # image voxels per latent voxel
+        self.mask_embedding = (MaskPatchEmbedding(num_classes, mask_embedding_channels, self.mask_block,
+                                                  len(sample_shape or (0, 0)))
+                               if num_classes and mask_encoding == "patch_embedding" else None)
+        in_channels = image_channels + mask_channels(num_classes, mask_encoding, mask_embedding_channels)
         # one embedding per label plus the null label that classifier-free guidance drops to
         extra = {"num_class_embeds": self.num_labels + 1} if self.class_conditional else {}
         self.net = (net or UNet2D)(in_channels, image_channels, **extra)
-
-    # ----------------------------------------------------------------- conditioning
-    @property
-    def conditional(self) -> bool:
-        """Whether the model is mask-guided."""
-        return self.num_classes > 0
-
-    @property
-    def class_conditional(self) -> bool:
-        return self.class_names is not None
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.class_names) if self.class_names else 0
-
-    def condition(
-        self, batch: dict, train: bool = False, generator: Optional[torch.Generator] = None
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """The net's conditioning for a batch: encoded mask channels ``(B, K|1, *spatial)`` and labels ``(B,)``.
-
-        In training (``train``), masks are ablated and, with ``label_drop_prob``, whole conditions are replaced
-        by the null condition (one draw per sample, shared by mask and label).
-        """
-        cond = labels = None
-        if self.conditional:
-            mask = batch.get("mask")
-            if mask is None:
-                raise MedsynthError("this model is mask-guided (num_classes > 0) but the data gives no masks")
-            if train:
-                mask = ablate_mask(mask, self.num_classes, self.mask_ablation_prob, generator)
-            cond = encode_mask(mask, self.num_classes, self.mask_encoding)
-        if self.class_conditional:
-            labels = batch.get("label")
-            if labels is None:
-                raise MedsynthError("this model is class-conditional but the data gives no class labels")
-        if train:
-            cond, labels = drop_condition(cond, labels, self.null_condition(cond, labels), self.label_drop_prob,
-                                          generator)
-        return cond, labels
-
-    def null_condition(self, cond: Optional[Tensor], labels: Optional[Tensor]):
-        """The null condition shaped like ``cond``/``labels`` (see :func:`~medsynth.diffusion.null_condition`)."""
-        return null_condition(cond, labels, self.mask_encoding, self.num_labels)
-
-    def denoise(self, xt: Tensor, t: Tensor, cond: Optional[Tensor], labels: Optional[Tensor] = None) -> Tensor:
-        """The net's output for noised ``xt`` ``(B, C, *spatial)`` at ``t`` ``(B,)`` given mask channels ``cond``
-        and class ``labels``."""
-        x = xt if cond is None else torch.cat([xt, cond.to(xt.dtype)], dim=1)
-        return self.net(x, t) if labels is None else self.net(x, t, class_labels=labels)
 
     def configure_model(self) -> None:
         # Compile the net only: Dynamo cannot trace the LightningModule (self.log); nn.Module.compile keeps keys.
@@ -238,7 +189,7 @@ class DiffusionModule(Generation, L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = self.optimizer(self.net.parameters(), lr=self.lr)
+        opt = self.optimizer(self.parameters(), lr=self.lr)  # the net and any mask embedding
         total = self.trainer.estimated_stepping_batches
         return {"optimizer": opt, "lr_scheduler": warmup_schedule(opt, self.lr_warmup_steps, total, self.lr_schedule)}
 

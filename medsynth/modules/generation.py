@@ -29,6 +29,7 @@ class Generation:
         sampler: Optional[Sampler] = None,
         seed: Optional[int] = None,
         guidance_scale: Optional[float] = None,
+        full_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """Generate images ``(B, C, *spatial)``: in [-1, 1] for pixels and min-max latents, unclipped for
         standardised latents (see :meth:`bounded`).
@@ -40,6 +41,8 @@ class Generation:
             sampler: overrides the module's sampler.
             seed: overrides ``sample_seed``.
             guidance_scale: overrides the module's classifier-free guidance weight.
+            full_mask: ``(B, *spatial * factor)`` the masks at image resolution, for latent models with
+                ``mask_encoding: one_hot_blocks``.
         """
         given = mask if mask is not None else labels
         if given is not None:
@@ -54,7 +57,8 @@ class Generation:
             spatial = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
         indices = list(range(n)) if indices is None else [int(i) for i in indices]
         generators = sample_generators(self.sample_seed if seed is None else seed, indices)
-        batch = {k: v.to(self.device) for k, v in (("mask", mask), ("label", labels)) if v is not None}
+        given = (("mask", mask), ("label", labels), ("full_mask", full_mask))
+        batch = {k: v.to(self.device) for k, v in given if v is not None}
         cond, labels = self.condition(batch)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance(w)
@@ -103,7 +107,7 @@ class Generation:
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         indices = batch["index"].tolist()
-        samples = self.sample(batch.get("mask"), batch.get("label"), indices=indices)
+        samples = self.sample(batch.get("mask"), batch.get("label"), indices=indices, full_mask=batch.get("full_mask"))
         if self.latent_space is not None:
             samples = self.decode(samples)
         out = {"sample": samples.float().cpu(), "name": list(batch["name"]), "index": indices}

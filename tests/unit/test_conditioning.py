@@ -1,6 +1,16 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
-from medsynth.diffusion.conditioning import ablate_mask, encode_mask, mask_channels
+from medsynth.diffusion.conditioning import (
+    MaskPatchEmbedding,
+    ablate_mask,
+    batch_mask_channels,
+    encode_mask,
+    mask_channels,
+    reduce_to_grid,
+)
+from medsynth.errors import MedsynthError
 
 
 def test_one_hot_encoding_marks_each_pixel_with_its_class():
@@ -22,6 +32,43 @@ def test_mask_channels():
     assert mask_channels(0, "one_hot") == 0
     assert mask_channels(4, "one_hot") == 4
     assert mask_channels(4, "scalar") == 1
+    assert mask_channels(4, "patch_embedding", 32) == 32
+    assert mask_channels(0, "patch_embedding", 32) == 0
+
+
+def test_the_patch_embedding_sees_every_label_inside_a_latent_voxels_block():
+    g = torch.Generator().manual_seed(0)
+    embed = MaskPatchEmbedding(num_classes=3, channels=5, factor=4, spatial_dims=3)
+    mask = torch.randint(0, 3, (2, 8, 8, 12), generator=g)
+    out = embed(encode_mask(mask, 3, "patch_embedding"))
+    assert out.shape == (2, 5, 2, 2, 3)
+    moved = mask.clone()
+    moved[0, 1, 2, 3] = (mask[0, 1, 2, 3] + 1) % 3  # one image voxel of latent voxel (0, 0, 0) of sample 0
+    diff = (embed(encode_mask(moved, 3, "patch_embedding")) - out).abs().sum(1)
+    assert diff[0, 0, 0, 0] > 0 and diff.flatten()[1:].eq(0).all()  # that latent voxel only
+    assert MaskPatchEmbedding(3, 5, 4, 2)(encode_mask(mask[:, 0], 3, "patch_embedding")).shape == (2, 5, 2, 3)
+    with pytest.raises(MedsynthError, match="blocks of 4"):
+        embed(encode_mask(mask[:, :6], 3, "patch_embedding"))
+
+
+def test_reduce_to_grid_takes_each_blocks_majority_not_its_first_voxel():
+    mask = torch.zeros(8, 8, dtype=torch.long)
+    mask[1:4, 1:4] = 2  # 9 of the first block's 16 pixels, but not its first pixel
+    mask[4, 4] = 1  # 1 of 16: the second block's first pixel
+    coarse = reduce_to_grid(mask, 4)
+    assert coarse.tolist() == [[2, 0], [0, 0]]
+    nearest = F.interpolate(mask[None, None].float(), size=(2, 2), mode="nearest")[0, 0].long()
+    assert nearest.tolist() == [[0, 0], [0, 1]]  # what nearest-neighbour resizing made of it
+    assert torch.equal(reduce_to_grid(mask, 1), mask)
+
+
+def test_batch_mask_channels_reads_the_mask_its_encoding_needs():
+    mask, full = torch.randint(0, 3, (1, 2, 2)), torch.randint(0, 3, (1, 8, 8))
+    assert batch_mask_channels({"mask": mask}, 3, "one_hot").shape == (1, 3, 2, 2)
+    assert batch_mask_channels({"mask": mask, "full_mask": full}, 3, "patch_embedding", 4).shape == (1, 3, 8, 8)
+    assert batch_mask_channels({"mask": mask}, 3, "patch_embedding", 1).shape == (1, 3, 2, 2)  # pixel space
+    with pytest.raises(MedsynthError, match="full_mask"):
+        batch_mask_channels({"mask": mask}, 3, "patch_embedding", 4)
 
 
 def test_ablation_with_zero_probability_is_identity():

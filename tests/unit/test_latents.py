@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -155,3 +156,66 @@ def test_model_args_name_the_latent_scaling_so_a_model_built_from_them_clips_onl
                   dit_heads=2)
     model = DiffusionModule(net=net, image_channels=4, image_size=8, latent_space=latent_space)
     assert model.bounded() is bounded
+
+
+def write_masked_latents(folder, shapes: dict, num_classes: int = 3, factor: int = 4):
+    """Latents (factor 4) with label maps at image resolution, each label a random blob pattern."""
+    import nibabel as nib
+
+    path = write_latents(folder, shapes)
+    info = json.loads(path.read_text())
+    rng = np.random.default_rng(1)
+    (folder / "masks").mkdir()
+    for rec in info["records"]:
+        image_shape = [s * factor for s in rec["shape"][1:]]
+        coarse = rng.integers(0, num_classes, size=[max(1, s // 2) for s in image_shape])
+        labels = np.kron(coarse, np.ones((2,) * len(image_shape), dtype=np.int64))[tuple(slice(0, s) for s in image_shape)]
+        nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.diag([2, 2, 3, 1.0])), folder / "masks" / f"{rec['name']}.nii.gz")
+        rec["mask"], rec["image_shape"] = f"masks/{rec['name']}.nii.gz", image_shape
+    info["num_classes"] = num_classes
+    path.write_text(json.dumps(info))
+    return path
+
+
+def test_crops_and_flips_keep_the_image_resolution_mask_on_its_latent_window(tmp_path):
+    from medsynth.diffusion.conditioning import reduce_to_grid
+
+    m = write_masked_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 12, 8)})
+    for crop in (4, [4, 6]):
+        dm = LatentDataModule(manifest=m, num_classes=None, num_workers=0, crop_size=crop, flip_axes=[0, 2],
+                              batch_size=2, val_fraction=0.0)
+        dm.setup("fit")
+        torch.manual_seed(0)
+        for batch in list(dm.train_dataloader()) * 3:
+            side = batch["image"].shape[-1]
+            assert batch["mask"].shape == (2, side, side, side) and batch["full_mask"].shape == (2, *(4 * side,) * 3)
+            for mask, full in zip(batch["mask"], batch["full_mask"]):
+                assert torch.equal(reduce_to_grid(full, 4), mask)  # the same window, flipped alike
+
+
+def test_a_patch_embedding_model_conditions_on_the_image_resolution_mask(tmp_path):
+    m = write_masked_latents(tmp_path / "l", {"a": (8, 8, 8), "b": (8, 8, 8)})
+    dm = LatentDataModule(manifest=m, num_classes=None, num_workers=0, crop_size=4, batch_size=2, val_fraction=0.0)
+    dm.setup("fit")
+    args = dm.model_args()
+    net = partial(BiFlowNet3D, channels=(8, 16), norm_num_groups=4, dit_patch=4, dit_token_patch=2, dit_hidden=16,
+                  dit_depth=1, dit_heads=2)
+    model = DiffusionModule(net=net, sampler=DDIMSampler(num_inference_steps=2), mask_encoding="patch_embedding",
+                            mask_embedding_channels=6, label_drop_prob=0.2, **{k: args[k] for k in ("num_classes", "image_channels",
+                                                                        "sample_shape", "latent_space")})
+    assert model.net.in_channels == 4 + 6
+    before = model.mask_embedding.proj.weight.detach().clone()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, dm)  # the embedding is trained with the net
+    assert not torch.allclose(model.mask_embedding.proj.weight, before)
+    batch = next(iter(dm.train_dataloader()))
+    model.eval()
+    full = batch["full_mask"][:1]
+    moved = full.roll(1, dims=1)  # a label map that differs only inside the latent voxels' blocks
+    same_grid = batch["mask"][:1]
+    a = model.sample(same_grid, indices=[0], full_mask=full)
+    b = model.sample(same_grid, indices=[0], full_mask=moved)
+    assert not torch.allclose(a, b)  # the model sees below the latent grid
+    with pytest.raises(MedsynthError, match="full_mask"):
+        model.sample(same_grid, indices=[0])
