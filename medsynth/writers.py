@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import medsynth
+from medsynth.data.latent_manifest import LATENT_MANIFEST, LatentRecord, latent_manifest, latent_scaling
 from medsynth.data.volumes import Normalization
 from medsynth.io import save_json, save_nifti, save_npy, save_png
 from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
@@ -275,9 +276,6 @@ class ReconstructionWriter(BasePredictionWriter):
                                                         "num_reconstructions": total, **units}))
 
 
-LATENT_MANIFEST = "latents.json"
-
-
 class LatentWriter(BasePredictionWriter):
     """Writes the autoencoder's latents of each input and a latent manifest for the latent-diffusion stage.
 
@@ -286,11 +284,9 @@ class LatentWriter(BasePredictionWriter):
         latents/NAME.npy     # float32 (latent_channels, *spatial / f), unscaled; sides padded to the patch
         masks/NAME.png       # 2D: the input's mask (at image resolution), when the data has masks
         masks/NAME.nii.gz    # 3D: the volume's label map on its grid (image resolution, the volume's affine)
-        latents.json         # the latent manifest: records (latent, source, split, label, mask, affine, shapes,
-                             # intensity_range), the scaling to apply (z - shift) * scale, the autoencoder
-                             # (checkpoint, SHA-256, channels, downsampling factor), the class names, the
-                             # mask classes (num_classes, counting background), and for volumes the intensity
-                             # normalisation and geometry they were read with
+        latents.json         # the latent manifest (format: medsynth.data.latent_manifest): records, the
+                             # scaling to apply (z - shift) * scale, the autoencoder, the class names, the
+                             # mask classes, and for volumes the intensity normalisation and geometry
 
     Latents encode real data: they are not marked synthetic. The scaling is computed over every latent written
     (all ranks): ``minmax`` maps the dataset's range onto [-1, 1], ``std`` standardises.
@@ -308,7 +304,7 @@ class LatentWriter(BasePredictionWriter):
         self.scaling = scaling
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._records: list[dict] = []
+        self._records: list[LatentRecord] = []
         self._stats = torch.tensor([float("inf"), float("-inf"), 0.0, 0.0, 0.0], dtype=torch.float64)  # min max n s ss
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
@@ -324,8 +320,8 @@ class LatentWriter(BasePredictionWriter):
             self._stats[2] += z.numel()
             self._stats[3] += z.sum()
             self._stats[4] += (z * z).sum()
-            record = {"latent": f"latents/{stem}.npy", "name": stem, "shape": list(z.shape),
-                      "image_shape": [int(v) for v in prediction["image_shape"][i]]}
+            record: LatentRecord = {"latent": f"latents/{stem}.npy", "name": stem, "shape": list(z.shape),
+                                    "image_shape": [int(v) for v in prediction["image_shape"][i]]}
             if "path" in prediction:
                 record["source"] = str(prediction["path"][i])
             if "split" in prediction and prediction["split"][i]:
@@ -363,36 +359,15 @@ class LatentWriter(BasePredictionWriter):
             records = [r for g in gathered for r in g[1]]
         if not trainer.is_global_zero:
             return
-        low, high, n, total, squares = (float(v) for v in stats)
-        if self.scaling == "minmax":
-            shift, scale = (high + low) / 2, 2.0 / max(high - low, 1e-8)
-        else:
-            mean = total / n
-            shift, scale = mean, 1.0 / max((squares / n - mean * mean) ** 0.5, 1e-8)
         data = trainer.datamodule
-        names = getattr(data, "class_names", None) if data is not None else None
-        volumes = {}  # how volumes were read: generated ones are written back in these units and this geometry
         normalization, geometry = getattr(data, "normalization", None), getattr(data, "geometry", None)
-        if hasattr(normalization, "describe"):
-            volumes["intensity"] = normalization.describe([r["intensity_range"] for r in records
-                                                           if "intensity_range" in r])
-        if hasattr(geometry, "describe"):
-            volumes["geometry"] = geometry.describe()
+        # how volumes were read: generated ones are written back in these units and this geometry
+        intensity = (normalization.describe([r["intensity_range"] for r in records if "intensity_range" in r])
+                     if hasattr(normalization, "describe") else None)
         mask_classes = getattr(data, "num_classes", 0) if any("mask" in r for r in records) else 0
-        if mask_classes:  # what mask-guided training reads its one-hot channel count from (data.num_classes null)
-            volumes["num_classes"] = int(mask_classes)
-        scaling = {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high}
-        # each record names its scaling and encoder too, so records merged from several encodings are caught
-        records = [dict(r, scaling=scaling, autoencoder_sha256=self._sha) for r in records]
-        save_json(self.output_dir / LATENT_MANIFEST, {
-            "kind": "medsynth latents",
-            "version": 1,
-            "scaling": scaling,
-            "autoencoder": {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha,
-                            **pl_module.latent_description()},
-            "class_names": names,
-            **volumes,
-            "records": sorted(records, key=lambda r: r["name"]),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__},
-        })
+        save_json(self.output_dir / LATENT_MANIFEST, latent_manifest(
+            records, latent_scaling(self.scaling, *(float(v) for v in stats)),
+            {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha, **pl_module.latent_description()},
+            class_names=getattr(data, "class_names", None) if data is not None else None,
+            intensity=intensity, geometry=geometry.describe() if hasattr(geometry, "describe") else None,
+            num_classes=mask_classes))
