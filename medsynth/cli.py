@@ -208,6 +208,7 @@ class MedsynthTrainer(Trainer):
         overwrite: bool = False,
         seed: Optional[int] = None,
         weights_only: Optional[bool] = None,
+        run_config: Optional[dict] = None,
     ):
         """Generate samples from a checkpoint and write them under ``output_dir``.
 
@@ -222,15 +223,15 @@ class MedsynthTrainer(Trainer):
             seed: sampling seed (overrides the model's ``sample_seed``); each sample depends only on it and its
                 index.
             weights_only: passed to ``torch.load`` for the checkpoint.
+            run_config: the resolved config, recorded beside the predictions (given by the CLI, not an option).
         """
         if output_dir is None:
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if seed is not None and model is not None:
             model.sample_seed = seed
-        self.predict_output_dir = Path(output_dir)
         meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
-        writer = (model.prediction_writer(output_dir, meta) if isinstance(model, WritesPredictions)
-                  else SampleWriter(output_dir, metadata=meta))
+        writer = (model.prediction_writer(output_dir, meta, run_config) if isinstance(model, WritesPredictions)
+                  else SampleWriter(output_dir, metadata=meta, config=run_config))
         self.callbacks.append(writer)
         # one process claims the folder (DDP's other ranks start after the claim and write into it)
         claim = claim_output_dir(output_dir, overwrite, "medsynth predict") if rank_zero_only.rank == 0 else None
@@ -354,13 +355,15 @@ def check_exportable(model: LightningModule, ckpt_path) -> None:
 class RunConfigCallback(SaveConfigCallback):
     """Saves the resolved config in the run folder; a resumed run gets ``config.1.yaml`` and so on, never overwrites.
 
-    For ``predict`` with an output folder, the config goes into that folder instead.
+    For ``predict`` with an output folder (``--output_dir``, in the config it saves), the config goes into that
+    folder instead.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        folder = getattr(trainer, "predict_output_dir", None) if stage == "predict" else None
+        output_dir = self.config.get("output_dir") if stage == "predict" else None
+        folder = Path(output_dir) if output_dir is not None else None
         if folder is not None:
             if trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -548,7 +551,15 @@ class MedsynthCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
+        # run_config is predict's argument the CLI gives itself (see _prepare_subcommand_kwargs), not an option
+        return {**LightningCLI.subcommands(), "predict": {*LightningCLI.subcommands()["predict"], "run_config"},
+                "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "predict":  # the resolved config travels into metadata.json, beside the samples it produced
+            kwargs["run_config"] = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
+        return kwargs
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -777,8 +788,6 @@ class MedsynthCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._preflight()
-        # the resolved config travels into metadata.json, beside the samples it produced
-        self.trainer.run_config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
 
     def before_validate(self) -> None:
         self._preflight()

@@ -93,11 +93,13 @@ class ChecksPredictInputs(Protocol):
 @runtime_checkable
 class WritesPredictions(Protocol):
     """A module whose predictions are written by a writer of its own choosing (the default is the sample
-    writer): the CLI adds the callback it returns to ``predict``."""
+    writer): ``medsynth predict`` adds the callback it returns. The writer gets everything it records through its
+    constructor; it reads nothing set on the Trainer."""
 
-    def prediction_writer(self, output_dir: Path, metadata: dict):
+    def prediction_writer(self, output_dir: Path, metadata: dict, config: Optional[dict]):
         """The ``BasePredictionWriter`` that writes this module's predictions under ``output_dir``, with
-        ``metadata`` (checkpoint, run config) recorded beside them."""
+        ``metadata`` (the checkpoint) and ``config`` (the run's resolved config, ``None`` outside the CLI)
+        recorded beside them."""
 
 
 class DeclaresPredictArgs(Protocol):

@@ -54,9 +54,9 @@ def in_source_units(sample: torch.Tensor, latent_space: Optional[dict]) -> tuple
     return Normalization.from_unit(sample, float(intensity["low"]), float(intensity["high"])), intensity.get("units")
 
 
-def run_metadata(trainer, pl_module, entries: dict) -> dict:
+def run_metadata(trainer, pl_module, entries: dict, config: Optional[dict]) -> dict:
     """The ``metadata.json`` of an output folder: ``synthetic: true``, ``entries``, and how it was made (world
-    size, precision, model class, versions, date, the resolved config)."""
+    size, precision, model class, versions, date, the resolved run ``config``)."""
     return {
         "synthetic": True,
         **entries,
@@ -66,7 +66,7 @@ def run_metadata(trainer, pl_module, entries: dict) -> dict:
         "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__,
                      "lightning": lightning.__version__, "diffusers": diffusers.__version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": getattr(trainer, "run_config", None),
+        "config": config,
     }
 
 
@@ -93,11 +93,14 @@ class SampleWriter(BasePredictionWriter):
         grid_size: samples shown in the grid.
         grid_columns: samples per grid row (each row of samples sits under a row of its masks).
         metadata: extra entries for ``metadata.json`` (checkpoint path, seed, ...).
+        config: the run's resolved config (``medsynth predict``'s), recorded in ``metadata.json`` and every sidecar.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, grid_columns: int = 8, metadata: Optional[dict] = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, grid_columns: int = 8,
+                 metadata: Optional[dict] = None, config: Optional[dict] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.config = config
         self.grid_size = grid_size
         self.grid_columns = grid_columns
         self.metadata = dict(metadata or {})
@@ -109,11 +112,10 @@ class SampleWriter(BasePredictionWriter):
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
         self._seed = getattr(pl_module, "sample_seed", None)
-        self._config = getattr(trainer, "run_config", None)
 
     def _save_sample_array(self, path: Path, sample, index: int) -> None:
         save_npy(path, sample.numpy().astype(np.float32))
-        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index, config=self._config))
+        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index, config=self.config))
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
         masks, labels = prediction.get("mask"), prediction.get("label")
@@ -124,7 +126,7 @@ class SampleWriter(BasePredictionWriter):
             index = int(prediction["index"][i])
             mark = png_text(self._sha, self._seed, index)
             if sample.ndim == 4:
-                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index, config=self._config))
+                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index, config=self.config))
             else:
                 self._save_sample_array(folder / f"{stem}.npy", sample, index)
             if generated is not None:  # a mask generator: the label map is the result
@@ -202,7 +204,7 @@ class SampleWriter(BasePredictionWriter):
                 **({"conditioning_masks": self._masks} if self._masks else {}),
                 "num_samples": total,
                 "grid_from": "rank 0's samples" if trainer.world_size > 1 else "all samples",
-            }),
+            }, self.config),
         )
 
 
@@ -221,12 +223,15 @@ class ReconstructionWriter(BasePredictionWriter):
     Args:
         output_dir: destination folder.
         metadata: extra entries for ``metadata.json`` (checkpoint path, ...).
+        config: the run's resolved config (``medsynth predict``'s), recorded in ``metadata.json`` and every sidecar.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, metadata: Optional[dict] = None,
+                 config: Optional[dict] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.metadata = dict(metadata or {})
+        self.config = config
         self._count = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -263,7 +268,7 @@ class ReconstructionWriter(BasePredictionWriter):
                 save_npy(self.output_dir / f"{stem}.npy", x)
                 save_png(self.output_dir / f"{stem}.png", to_uint8(recon[i]), text=png_text(self._sha, None, index))
             save_json(self.output_dir / f"{stem}.json", sidecar(self._sha, None, index, details="metadata.json",
-                                                                    config=getattr(trainer, "run_config", None), **extra))
+                                                                    config=self.config, **extra))
             self._count += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -273,7 +278,7 @@ class ReconstructionWriter(BasePredictionWriter):
             units = {"intensity": normalization.describe()} if hasattr(normalization, "describe") else {}
             save_json(self.output_dir / "metadata.json",
                       run_metadata(trainer, pl_module, {**self.metadata, "checkpoint_sha256": self._sha,
-                                                        "num_reconstructions": total, **units}))
+                                                        "num_reconstructions": total, **units}, self.config))
 
 
 class LatentWriter(BasePredictionWriter):
