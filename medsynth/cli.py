@@ -75,11 +75,6 @@ DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "
                  "latent_space")
 """Model arguments a DataModule supplies through its ``model_args()`` (linked once both are instantiated)."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
-MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensity_range", "patch_size",
-                              "normalization", "percentiles", "ct_window")
-"""Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
-DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
-"""Where the data lives: taken from the checkpoint only when not given on the command line."""
 NEEDS_WEIGHTS = ("predict", "validate", "test", "export")
 """Subcommands that use trained weights: they refuse to run without ``--ckpt_path`` (never an untrained model)."""
 STAGES = {"fit": "fit", "lr_find": "fit", "validate": "validate", "test": "test", "predict": "predict"}
@@ -586,7 +581,10 @@ class MedsynthCLI(LightningCLI):
         return _plain(init.get(name)) if init is not None else None
 
     def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
-        """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
+        """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset.
+
+        Which arguments are which, the datamodule class declares (:class:`~medsynth.contracts.DeclaresDataArgs`:
+        ``model_describing_args``, ``data_location_args``); a class that declares none takes nothing."""
         ckpt = check_checkpoint(ckpt_path)
         saved = ckpt.get("datamodule_hyper_parameters") or {}
         saved = dict(saved) if isinstance(saved, dict) else {}
@@ -594,9 +592,11 @@ class MedsynthCLI(LightningCLI):
         if not saved or data is None:
             return
         init = data["init_args"]
+        data_class = _class_of(data.get("class_path"))
         _, model_args = checkpoint_model_config(ckpt_path)
         replaced = []
-        for k in MODEL_DESCRIBING_DATA_ARGS:  # also across data classes (e.g. the 3D demo's model on user volumes)
+        # also across data classes (e.g. the 3D demo's model on user volumes)
+        for k in getattr(data_class, "model_describing_args", ()):
             if k == "num_classes" and "num_classes" not in model_args:
                 continue  # a model blind to masks (an autoencoder) leaves the class count to the command line
             if k in saved and k in init:
@@ -608,7 +608,7 @@ class MedsynthCLI(LightningCLI):
                         + ", ".join(replaced))
         if saved.get("_class_path") != data.get("class_path"):
             return
-        for k in DATA_LOCATION_ARGS:
+        for k in getattr(data_class, "data_location_args", ()):
             if k in saved and k in init and init.get(k) is None:
                 init[k] = saved[k]
 

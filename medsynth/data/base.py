@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -62,11 +62,23 @@ class MedsynthDataModule(L.LightningDataModule):
 
     Subclasses set ``batch_size`` and ``num_workers`` (their constructor arguments) and implement
     :meth:`dataset` and :meth:`model_args`; they may override :meth:`check_stage` (checks across the datasets of
-    a stage), :meth:`collate_fn`, :meth:`loader_options` and :attr:`persistent_splits`.
+    a stage), :meth:`collate_fn`, :meth:`loader_options` and :attr:`persistent_splits`, and declare which of their
+    arguments a checkpoint supplies (:attr:`model_describing_args`, :attr:`data_location_args`).
     """
 
     persistent_splits: tuple[str, ...] = ("train", "val")
     """Splits whose loader workers stay alive between epochs (those iterated again and again)."""
+
+    model_describing_args: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that describe the data a model was shaped by (class count, channels, size, intensity
+    scaling): ``predict``, ``validate``, ``test`` and ``export`` with ``--ckpt_path`` take them from the checkpoint
+    over the command line (and say which they replaced), also when the checkpoint was trained on another
+    datamodule class that has them (the 3D demo's model on a user's volumes). See
+    :class:`~medsynth.contracts.DeclaresDataArgs`."""
+
+    data_location_args: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that say where the data lives: taken from a checkpoint of the same datamodule class
+    only when the command line leaves them unset."""
 
     batch_size: int
     num_workers: int

@@ -156,6 +156,9 @@ class ClassImageDataModule(MedsynthDataModule):
             ``<class_name>_<split>_<file stem>``.
     """
 
+    model_describing_args = ("channels", "image_size", "intensity_range")
+    data_location_args = ("manifest",)
+
     def __init__(
         self,
         manifest: Optional[Path] = None,

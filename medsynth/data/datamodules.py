@@ -78,6 +78,9 @@ class SegGuidedImageDataModule(MedsynthDataModule):
             ``num_classes > 0``) instead of masks alone: what an autoencoder reconstructs or encodes.
     """
 
+    model_describing_args = ("num_classes", "channels", "image_size", "intensity_range")
+    data_location_args = ("img_dir", "seg_dir", "manifest")
+
     def __init__(
         self,
         img_dir: Optional[Path] = None,

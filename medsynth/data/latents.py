@@ -270,6 +270,9 @@ class LatentDataModule(MedsynthDataModule):
             multiples of its sub-volume side); default the downsampling factor.
     """
 
+    model_describing_args = ("num_classes",)
+    data_location_args = ("manifest",)
+
     def __init__(
         self,
         manifest: Optional[Path] = None,

@@ -721,6 +721,9 @@ class VolumeDataModule(MedsynthDataModule):
             label maps (largest label + 1). Ignored without label maps.
     """
 
+    model_describing_args = ("num_classes", "channels", "patch_size", "normalization", "percentiles", "ct_window")
+    data_location_args = ("manifest",)
+
     def __init__(
         self,
         manifest: Optional[Path] = None,
