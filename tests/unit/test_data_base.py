@@ -1,16 +1,20 @@
-"""The one datamodule base: split rule, manifest path guard, stage set-up and loader rules."""
+"""The one datamodule base: split rule, manifest path guard, one record and intensity map for 2D and 3D, stage
+set-up, loader rules, and the arguments a checkpoint supplies."""
 
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
 
 import medsynth.cli as cli
 import medsynth.data  # noqa: F401 - every shipped datamodule class, for the declarations test
-from medsynth.data.base import MedsynthDataModule, resolve_listed_path, split_by_name
+from medsynth.data.base import MedsynthDataModule, Record, resolve_listed_path, scale_to_unit, split_by_name
+from medsynth.data.image2d import ImageRecord, to_unit_range
+from medsynth.data.volumes import Normalization, VolumeRecord
 from medsynth.errors import DataError
 
 
@@ -107,3 +111,17 @@ def test_a_checkpoint_supplies_what_the_datamodule_class_declares(tmp_path, monk
         # a location: the checkpoint's only where unset, and only from the same class
         assert init["folder"] == (given_folder or ("/saved/data" if same_class else None))
     assert len(warnings) == 2 and "data.size=4 (checkpoint: 16)" in warnings[0]
+
+
+def test_2d_and_3d_share_one_record_and_one_intensity_map():
+    assert ImageRecord is VolumeRecord is Record
+    # positional fields as volumes always had them; 2D code names split and mask
+    assert VolumeRecord("a", Path("a.nii"), 1, "val") == Record(name="a", image=Path("a.nii"), label=1, split="val")
+    values = np.array([-1200.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0], np.float32)
+    image = values.reshape(1, 2, 3)  # (C, H, W)
+    volume = values.reshape(1, 1, 2, 3)  # (C, X, Y, Z)
+    expected = np.array([-1.0, -1.0, 0.0, 0.5, 1.0, 1.0], np.float32)
+    window = Normalization("ct", window=(-1000.0, 1000.0))
+    np.testing.assert_array_equal(to_unit_range(image, (-1000, 1000)).ravel(), expected)
+    np.testing.assert_array_equal(window.to_unit(volume)[0].numpy().ravel(), expected)
+    np.testing.assert_array_equal(scale_to_unit(torch.from_numpy(volume), -1000, 1000).numpy().ravel(), expected)
