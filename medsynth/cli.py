@@ -75,11 +75,6 @@ DATA_TO_MODEL = ("num_classes", "image_channels", "image_size", "class_names", "
                  "latent_space")
 """Model arguments a DataModule supplies through its ``model_args()`` (linked once both are instantiated)."""
 TRAINING_ONLY_CALLBACKS = (ModelCheckpoint, WeightAveraging)
-MODEL_DESCRIBING_DATA_ARGS = ("num_classes", "channels", "image_size", "intensity_range", "patch_size",
-                              "normalization", "percentiles", "ct_window")
-"""Data settings that shape the model: taken from the checkpoint when sampling or evaluating from one."""
-DATA_LOCATION_ARGS = ("img_dir", "seg_dir", "manifest", "cache_dir")
-"""Where the data lives: taken from the checkpoint only when not given on the command line."""
 NEEDS_WEIGHTS = ("predict", "validate", "test", "export")
 """Subcommands that use trained weights: they refuse to run without ``--ckpt_path`` (never an untrained model)."""
 STAGES = {"fit": "fit", "lr_find": "fit", "validate": "validate", "test": "test", "predict": "predict"}
@@ -208,6 +203,7 @@ class MedsynthTrainer(Trainer):
         overwrite: bool = False,
         seed: Optional[int] = None,
         weights_only: Optional[bool] = None,
+        run_config: Optional[dict] = None,
     ):
         """Generate samples from a checkpoint and write them under ``output_dir``.
 
@@ -222,15 +218,15 @@ class MedsynthTrainer(Trainer):
             seed: sampling seed (overrides the model's ``sample_seed``); each sample depends only on it and its
                 index.
             weights_only: passed to ``torch.load`` for the checkpoint.
+            run_config: the resolved config, recorded beside the predictions (given by the CLI, not an option).
         """
         if output_dir is None:
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if seed is not None and model is not None:
             model.sample_seed = seed
-        self.predict_output_dir = Path(output_dir)
         meta = {"checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path and Path(ckpt_path).exists() else ckpt_path}
-        writer = (model.prediction_writer(output_dir, meta) if isinstance(model, WritesPredictions)
-                  else SampleWriter(output_dir, metadata=meta))
+        writer = (model.prediction_writer(output_dir, meta, run_config) if isinstance(model, WritesPredictions)
+                  else SampleWriter(output_dir, metadata=meta, config=run_config))
         self.callbacks.append(writer)
         # one process claims the folder (DDP's other ranks start after the claim and write into it)
         claim = claim_output_dir(output_dir, overwrite, "medsynth predict") if rank_zero_only.rank == 0 else None
@@ -354,13 +350,15 @@ def check_exportable(model: LightningModule, ckpt_path) -> None:
 class RunConfigCallback(SaveConfigCallback):
     """Saves the resolved config in the run folder; a resumed run gets ``config.1.yaml`` and so on, never overwrites.
 
-    For ``predict`` with an output folder, the config goes into that folder instead.
+    For ``predict`` with an output folder (``--output_dir``, in the config it saves), the config goes into that
+    folder instead.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        folder = getattr(trainer, "predict_output_dir", None) if stage == "predict" else None
+        output_dir = self.config.get("output_dir") if stage == "predict" else None
+        folder = Path(output_dir) if output_dir is not None else None
         if folder is not None:
             if trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -548,7 +546,15 @@ class MedsynthCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
+        # run_config is predict's argument the CLI gives itself (see _prepare_subcommand_kwargs), not an option
+        return {**LightningCLI.subcommands(), "predict": {*LightningCLI.subcommands()["predict"], "run_config"},
+                "export": {"model", "datamodule"}, "lr_find": {"model", "datamodule"}}
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "predict":  # the resolved config travels into metadata.json, beside the samples it produced
+            kwargs["run_config"] = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
+        return kwargs
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -575,7 +581,10 @@ class MedsynthCLI(LightningCLI):
         return _plain(init.get(name)) if init is not None else None
 
     def _apply_checkpoint_data(self, sub: str, ckpt_path: str) -> None:
-        """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset."""
+        """Fill the data section from the checkpoint: what the model was trained on wins, paths only if unset.
+
+        Which arguments are which, the datamodule class declares (:class:`~medsynth.contracts.DeclaresDataArgs`:
+        ``model_describing_args``, ``data_location_args``); a class that declares none takes nothing."""
         ckpt = check_checkpoint(ckpt_path)
         saved = ckpt.get("datamodule_hyper_parameters") or {}
         saved = dict(saved) if isinstance(saved, dict) else {}
@@ -583,9 +592,11 @@ class MedsynthCLI(LightningCLI):
         if not saved or data is None:
             return
         init = data["init_args"]
+        data_class = _class_of(data.get("class_path"))
         _, model_args = checkpoint_model_config(ckpt_path)
         replaced = []
-        for k in MODEL_DESCRIBING_DATA_ARGS:  # also across data classes (e.g. the 3D demo's model on user volumes)
+        # also across data classes (e.g. the 3D demo's model on user volumes)
+        for k in getattr(data_class, "model_describing_args", ()):
             if k == "num_classes" and "num_classes" not in model_args:
                 continue  # a model blind to masks (an autoencoder) leaves the class count to the command line
             if k in saved and k in init:
@@ -597,7 +608,7 @@ class MedsynthCLI(LightningCLI):
                         + ", ".join(replaced))
         if saved.get("_class_path") != data.get("class_path"):
             return
-        for k in DATA_LOCATION_ARGS:
+        for k in getattr(data_class, "data_location_args", ()):
             if k in saved and k in init and init.get(k) is None:
                 init[k] = saved[k]
 
@@ -777,8 +788,6 @@ class MedsynthCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._preflight()
-        # the resolved config travels into metadata.json, beside the samples it produced
-        self.trainer.run_config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
 
     def before_validate(self) -> None:
         self._preflight()

@@ -54,9 +54,27 @@ class AutoencoderNet(Protocol):
 class DescribesData(Protocol):
     """A datamodule that tells the model what it must know about the data; the CLI links each entry into the
     model argument of the same name (``num_classes``, ``image_channels``, ``image_size``, ``class_names``,
-    ``output``, ``sample_shape``, ``latent_space``)."""
+    ``output``, ``sample_shape``, ``latent_space``).
+
+    Its class also says which of its constructor arguments a checkpoint supplies when a trained model is used
+    again (:class:`DeclaresDataArgs`; :class:`~medsynth.data.base.MedsynthDataModule` declares none by default).
+    """
 
     def model_args(self) -> dict: ...
+
+
+class DeclaresDataArgs(Protocol):
+    """A datamodule class whose some constructor arguments ``predict``, ``validate``, ``test`` and ``export`` with
+    ``--ckpt_path`` take from the checkpoint's saved datamodule arguments (the CLI reads these class attributes)."""
+
+    model_describing_args: ClassVar[tuple[str, ...]]
+    """Arguments that describe the data the model was shaped by (class count, channels, size, intensity scaling):
+    the checkpoint's values win over the command line's (each replaced value is reported), also when the
+    checkpoint was trained on another datamodule class with an argument of that name."""
+
+    data_location_args: ClassVar[tuple[str, ...]]
+    """Arguments that say where the data lives: the checkpoint's values (same datamodule class only) fill those
+    the command line leaves unset."""
 
 
 class FromModel:
@@ -93,11 +111,13 @@ class ChecksPredictInputs(Protocol):
 @runtime_checkable
 class WritesPredictions(Protocol):
     """A module whose predictions are written by a writer of its own choosing (the default is the sample
-    writer): the CLI adds the callback it returns to ``predict``."""
+    writer): ``medsynth predict`` adds the callback it returns. The writer gets everything it records through its
+    constructor; it reads nothing set on the Trainer."""
 
-    def prediction_writer(self, output_dir: Path, metadata: dict):
+    def prediction_writer(self, output_dir: Path, metadata: dict, config: Optional[dict]):
         """The ``BasePredictionWriter`` that writes this module's predictions under ``output_dir``, with
-        ``metadata`` (checkpoint, run config) recorded beside them."""
+        ``metadata`` (the checkpoint) and ``config`` (the run's resolved config, ``None`` outside the CLI)
+        recorded beside them."""
 
 
 class DeclaresPredictArgs(Protocol):

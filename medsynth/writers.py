@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import medsynth
+from medsynth.data.latent_manifest import LATENT_MANIFEST, LatentRecord, latent_manifest, latent_scaling
 from medsynth.data.volumes import Normalization
 from medsynth.io import save_json, save_nifti, save_npy, save_png
 from medsynth.provenance import file_sha256, nifti_descrip, png_text, sidecar
@@ -53,9 +54,9 @@ def in_source_units(sample: torch.Tensor, latent_space: Optional[dict]) -> tuple
     return Normalization.from_unit(sample, float(intensity["low"]), float(intensity["high"])), intensity.get("units")
 
 
-def run_metadata(trainer, pl_module, entries: dict) -> dict:
+def run_metadata(trainer, pl_module, entries: dict, config: Optional[dict]) -> dict:
     """The ``metadata.json`` of an output folder: ``synthetic: true``, ``entries``, and how it was made (world
-    size, precision, model class, versions, date, the resolved config)."""
+    size, precision, model class, versions, date, the resolved run ``config``)."""
     return {
         "synthetic": True,
         **entries,
@@ -65,7 +66,7 @@ def run_metadata(trainer, pl_module, entries: dict) -> dict:
         "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__,
                      "lightning": lightning.__version__, "diffusers": diffusers.__version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": getattr(trainer, "run_config", None),
+        "config": config,
     }
 
 
@@ -92,11 +93,14 @@ class SampleWriter(BasePredictionWriter):
         grid_size: samples shown in the grid.
         grid_columns: samples per grid row (each row of samples sits under a row of its masks).
         metadata: extra entries for ``metadata.json`` (checkpoint path, seed, ...).
+        config: the run's resolved config (``medsynth predict``'s), recorded in ``metadata.json`` and every sidecar.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, grid_columns: int = 8, metadata: Optional[dict] = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, grid_size: int = 16, grid_columns: int = 8,
+                 metadata: Optional[dict] = None, config: Optional[dict] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.config = config
         self.grid_size = grid_size
         self.grid_columns = grid_columns
         self.metadata = dict(metadata or {})
@@ -108,11 +112,10 @@ class SampleWriter(BasePredictionWriter):
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
         self._seed = getattr(pl_module, "sample_seed", None)
-        self._config = getattr(trainer, "run_config", None)
 
     def _save_sample_array(self, path: Path, sample, index: int) -> None:
         save_npy(path, sample.numpy().astype(np.float32))
-        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index, config=self._config))
+        save_json(path.with_suffix(".json"), sidecar(self._sha, self._seed, index, config=self.config))
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0):
         masks, labels = prediction.get("mask"), prediction.get("label")
@@ -123,7 +126,7 @@ class SampleWriter(BasePredictionWriter):
             index = int(prediction["index"][i])
             mark = png_text(self._sha, self._seed, index)
             if sample.ndim == 4:
-                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index, config=self._config))
+                save_json(folder / f"{stem}.json", sidecar(self._sha, self._seed, index, config=self.config))
             else:
                 self._save_sample_array(folder / f"{stem}.npy", sample, index)
             if generated is not None:  # a mask generator: the label map is the result
@@ -201,7 +204,7 @@ class SampleWriter(BasePredictionWriter):
                 **({"conditioning_masks": self._masks} if self._masks else {}),
                 "num_samples": total,
                 "grid_from": "rank 0's samples" if trainer.world_size > 1 else "all samples",
-            }),
+            }, self.config),
         )
 
 
@@ -220,12 +223,15 @@ class ReconstructionWriter(BasePredictionWriter):
     Args:
         output_dir: destination folder.
         metadata: extra entries for ``metadata.json`` (checkpoint path, ...).
+        config: the run's resolved config (``medsynth predict``'s), recorded in ``metadata.json`` and every sidecar.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, metadata: Optional[dict] = None,
+                 config: Optional[dict] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.metadata = dict(metadata or {})
+        self.config = config
         self._count = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -262,7 +268,7 @@ class ReconstructionWriter(BasePredictionWriter):
                 save_npy(self.output_dir / f"{stem}.npy", x)
                 save_png(self.output_dir / f"{stem}.png", to_uint8(recon[i]), text=png_text(self._sha, None, index))
             save_json(self.output_dir / f"{stem}.json", sidecar(self._sha, None, index, details="metadata.json",
-                                                                    config=getattr(trainer, "run_config", None), **extra))
+                                                                    config=self.config, **extra))
             self._count += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -272,10 +278,7 @@ class ReconstructionWriter(BasePredictionWriter):
             units = {"intensity": normalization.describe()} if hasattr(normalization, "describe") else {}
             save_json(self.output_dir / "metadata.json",
                       run_metadata(trainer, pl_module, {**self.metadata, "checkpoint_sha256": self._sha,
-                                                        "num_reconstructions": total, **units}))
-
-
-LATENT_MANIFEST = "latents.json"
+                                                        "num_reconstructions": total, **units}, self.config))
 
 
 class LatentWriter(BasePredictionWriter):
@@ -286,11 +289,9 @@ class LatentWriter(BasePredictionWriter):
         latents/NAME.npy     # float32 (latent_channels, *spatial / f), unscaled; sides padded to the patch
         masks/NAME.png       # 2D: the input's mask (at image resolution), when the data has masks
         masks/NAME.nii.gz    # 3D: the volume's label map on its grid (image resolution, the volume's affine)
-        latents.json         # the latent manifest: records (latent, source, split, label, mask, affine, shapes,
-                             # intensity_range), the scaling to apply (z - shift) * scale, the autoencoder
-                             # (checkpoint, SHA-256, channels, downsampling factor), the class names, the
-                             # mask classes (num_classes, counting background), and for volumes the intensity
-                             # normalisation and geometry they were read with
+        latents.json         # the latent manifest (format: medsynth.data.latent_manifest): records, the
+                             # scaling to apply (z - shift) * scale, the autoencoder, the class names, the
+                             # mask classes, and for volumes the intensity normalisation and geometry
 
     Latents encode real data: they are not marked synthetic. The scaling is computed over every latent written
     (all ranks): ``minmax`` maps the dataset's range onto [-1, 1], ``std`` standardises.
@@ -308,7 +309,7 @@ class LatentWriter(BasePredictionWriter):
         self.scaling = scaling
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._records: list[dict] = []
+        self._records: list[LatentRecord] = []
         self._stats = torch.tensor([float("inf"), float("-inf"), 0.0, 0.0, 0.0], dtype=torch.float64)  # min max n s ss
         ckpt = self.metadata.get("checkpoint")
         self._sha = file_sha256(ckpt) if ckpt and Path(ckpt).is_file() else None
@@ -324,8 +325,8 @@ class LatentWriter(BasePredictionWriter):
             self._stats[2] += z.numel()
             self._stats[3] += z.sum()
             self._stats[4] += (z * z).sum()
-            record = {"latent": f"latents/{stem}.npy", "name": stem, "shape": list(z.shape),
-                      "image_shape": [int(v) for v in prediction["image_shape"][i]]}
+            record: LatentRecord = {"latent": f"latents/{stem}.npy", "name": stem, "shape": list(z.shape),
+                                    "image_shape": [int(v) for v in prediction["image_shape"][i]]}
             if "path" in prediction:
                 record["source"] = str(prediction["path"][i])
             if "split" in prediction and prediction["split"][i]:
@@ -363,36 +364,15 @@ class LatentWriter(BasePredictionWriter):
             records = [r for g in gathered for r in g[1]]
         if not trainer.is_global_zero:
             return
-        low, high, n, total, squares = (float(v) for v in stats)
-        if self.scaling == "minmax":
-            shift, scale = (high + low) / 2, 2.0 / max(high - low, 1e-8)
-        else:
-            mean = total / n
-            shift, scale = mean, 1.0 / max((squares / n - mean * mean) ** 0.5, 1e-8)
         data = trainer.datamodule
-        names = getattr(data, "class_names", None) if data is not None else None
-        volumes = {}  # how volumes were read: generated ones are written back in these units and this geometry
         normalization, geometry = getattr(data, "normalization", None), getattr(data, "geometry", None)
-        if hasattr(normalization, "describe"):
-            volumes["intensity"] = normalization.describe([r["intensity_range"] for r in records
-                                                           if "intensity_range" in r])
-        if hasattr(geometry, "describe"):
-            volumes["geometry"] = geometry.describe()
+        # how volumes were read: generated ones are written back in these units and this geometry
+        intensity = (normalization.describe([r["intensity_range"] for r in records if "intensity_range" in r])
+                     if hasattr(normalization, "describe") else None)
         mask_classes = getattr(data, "num_classes", 0) if any("mask" in r for r in records) else 0
-        if mask_classes:  # what mask-guided training reads its one-hot channel count from (data.num_classes null)
-            volumes["num_classes"] = int(mask_classes)
-        scaling = {"method": self.scaling, "shift": shift, "scale": scale, "min": low, "max": high}
-        # each record names its scaling and encoder too, so records merged from several encodings are caught
-        records = [dict(r, scaling=scaling, autoencoder_sha256=self._sha) for r in records]
-        save_json(self.output_dir / LATENT_MANIFEST, {
-            "kind": "medsynth latents",
-            "version": 1,
-            "scaling": scaling,
-            "autoencoder": {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha,
-                            **pl_module.latent_description()},
-            "class_names": names,
-            **volumes,
-            "records": sorted(records, key=lambda r: r["name"]),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"medsynth": medsynth.__version__, "torch": torch.__version__},
-        })
+        save_json(self.output_dir / LATENT_MANIFEST, latent_manifest(
+            records, latent_scaling(self.scaling, *(float(v) for v in stats)),
+            {"checkpoint": self.metadata.get("checkpoint"), "sha256": self._sha, **pl_module.latent_description()},
+            class_names=getattr(data, "class_names", None) if data is not None else None,
+            intensity=intensity, geometry=geometry.describe() if hasattr(geometry, "describe") else None,
+            num_classes=mask_classes))

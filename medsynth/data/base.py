@@ -1,4 +1,5 @@
-"""What every medsynth datamodule shares: the splits, the split rule, the manifest path guard and the loaders.
+"""What every medsynth datamodule shares: the splits, the split rule, the manifest path guard, the record of one
+example and the map of intensities onto [-1, 1] (2D and 3D alike), and the loaders.
 
 A datamodule subclasses :class:`MedsynthDataModule` and writes two methods: :meth:`~MedsynthDataModule.dataset`
 (the checked dataset of one split: ``train``, ``val``, ``test`` or ``predict``) and
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional, Union
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medsynth.errors import DataError
@@ -23,6 +27,34 @@ SPLITS = ("train", "val", "test")
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 """The datasets each Trainer stage sets up."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example of 2D or 3D data: an image or volume and/or its integer mask, its class label and its split.
+
+    Attributes:
+        name: what identifies the example, unique in a manifest: 2D, the image's file name (the mask's when there
+            is no image); 3D, the volume's file name without its suffix (a DICOM series: its folder's name).
+        image: absolute path of the image, volume file or DICOM series folder; ``None`` for a mask-only record
+            (sampling on test masks).
+        label: integer class label (>= 0), or ``None`` for unlabelled data.
+        split: ``train``, ``val`` or ``test``; ``None`` leaves it to a hash of the name (:func:`split_by_name`).
+        mask: path of the integer mask (2D) or label map (3D), or ``None``.
+    """
+
+    name: str
+    image: Optional[Path] = None
+    label: Optional[int] = None
+    split: Optional[str] = None
+    mask: Optional[Path] = None
+
+
+def scale_to_unit(array: Union[np.ndarray, torch.Tensor], low: float, high: float) -> torch.Tensor:
+    """Clip intensities to ``[low, high]`` and map that range linearly onto [-1, 1]: float32, same shape, any
+    number of spatial dimensions (computed in float64). Needs ``high > low``."""
+    x = array.double() if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array, dtype=np.float64))
+    return ((x.clamp(low, high) - low) * (2.0 / (high - low)) - 1.0).float()
 
 
 def name_fraction(name: str) -> float:
@@ -62,11 +94,23 @@ class MedsynthDataModule(L.LightningDataModule):
 
     Subclasses set ``batch_size`` and ``num_workers`` (their constructor arguments) and implement
     :meth:`dataset` and :meth:`model_args`; they may override :meth:`check_stage` (checks across the datasets of
-    a stage), :meth:`collate_fn`, :meth:`loader_options` and :attr:`persistent_splits`.
+    a stage), :meth:`collate_fn`, :meth:`loader_options` and :attr:`persistent_splits`, and declare which of their
+    arguments a checkpoint supplies (:attr:`model_describing_args`, :attr:`data_location_args`).
     """
 
     persistent_splits: tuple[str, ...] = ("train", "val")
     """Splits whose loader workers stay alive between epochs (those iterated again and again)."""
+
+    model_describing_args: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that describe the data a model was shaped by (class count, channels, size, intensity
+    scaling): ``predict``, ``validate``, ``test`` and ``export`` with ``--ckpt_path`` take them from the checkpoint
+    over the command line (and say which they replaced), also when the checkpoint was trained on another
+    datamodule class that has them (the 3D demo's model on a user's volumes). See
+    :class:`~medsynth.contracts.DeclaresDataArgs`."""
+
+    data_location_args: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that say where the data lives: taken from a checkpoint of the same datamodule class
+    only when the command line leaves them unset."""
 
     batch_size: int
     num_workers: int

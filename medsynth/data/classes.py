@@ -156,6 +156,9 @@ class ClassImageDataModule(MedsynthDataModule):
             ``<class_name>_<split>_<file stem>``.
     """
 
+    model_describing_args = ("channels", "image_size", "intensity_range")
+    data_location_args = ("manifest",)
+
     def __init__(
         self,
         manifest: Optional[Path] = None,
@@ -214,7 +217,7 @@ class ClassImageDataModule(MedsynthDataModule):
             if not files and split == "train":
                 folder = self.folders[label] if self.manifest is not None else self.root / split / name
                 raise DataError(f"{folder}: empty class folder (class '{name}' has no .png or .npy images)")
-            items += [(ImageRecord(f"{name}/{f.name}", split, f), label) for f in files]
+            items += [(ImageRecord(f"{name}/{f.name}", f, split=split), label) for f in files]
         if not items:
             raise DataError(f"{self.manifest or self.root / split}: empty split '{split}': no images in any class")
         for rec, _ in items:
@@ -246,5 +249,5 @@ class ClassImageDataModule(MedsynthDataModule):
                     raise DataError(f"{rec.image}: named like {seen[name]} once encoded ({name}); keep one of "
                                     "NAME.png and NAME.npy")
                 seen[name] = rec.image
-                items.append((ImageRecord(f"{name}{Path(rec.image).suffix}", split, rec.image), label))
+                items.append((ImageRecord(f"{name}{Path(rec.image).suffix}", rec.image, split=split), label))
         return LabelledImageDataset(items, self.image_size, self.channels, False, self.intensity_range)

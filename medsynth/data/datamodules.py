@@ -78,6 +78,9 @@ class SegGuidedImageDataModule(MedsynthDataModule):
             ``num_classes > 0``) instead of masks alone: what an autoencoder reconstructs or encodes.
     """
 
+    model_describing_args = ("num_classes", "channels", "image_size", "intensity_range")
+    data_location_args = ("img_dir", "seg_dir", "manifest")
+
     def __init__(
         self,
         img_dir: Optional[Path] = None,
@@ -145,7 +148,7 @@ class SegGuidedImageDataModule(MedsynthDataModule):
                 if self.conditional and r.mask is None:
                     raise DataError(f"{self.manifest}: record '{r.name}' in split '{split}' has no mask")
             if not self.conditional:
-                records = [ImageRecord(r.name, r.split, r.image, None) for r in records]
+                records = [ImageRecord(r.name, r.image, split=r.split) for r in records]
         else:
             seg_dir = self.seg_dir if self.conditional else None
             if self.conditional and seg_dir is None:
@@ -153,7 +156,7 @@ class SegGuidedImageDataModule(MedsynthDataModule):
             records = scan_reference_layout(split, self.img_dir, seg_dir, self.seg_type, need_images=need_images)
         check_distinct(records)
         if not need_images:
-            records = [ImageRecord(r.name, r.split, None, r.mask) for r in records]
+            records = [ImageRecord(r.name, split=r.split, mask=r.mask) for r in records]
         validate_records(records, self.channels, max(self.num_classes, 1), self.intensity_range)
         return records
 

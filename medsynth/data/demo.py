@@ -140,6 +140,9 @@ class MNI152SliceDataModule(SegGuidedImageDataModule):
         num_samples: images sampled by ``predict`` when unconditional.
     """
 
+    model_describing_args = ("num_classes", "image_size")
+    data_location_args = ("cache_dir",)
+
     def __init__(
         self,
         plane: Plane = "axial",
@@ -191,6 +194,9 @@ class MNI152PlaneDataModule(ClassImageDataModule):
         num_workers: DataLoader worker processes.
         samples_per_class: images ``predict`` samples of each plane.
     """
+
+    model_describing_args = ("image_size",)
+    data_location_args = ("cache_dir",)
 
     def __init__(
         self,
@@ -374,6 +380,9 @@ class MNI152VolumeDataModule(VolumeDataModule):
         tissue_labels: pair each half with its tissue label map (:data:`TISSUE_NAMES`, 4 classes) for mask-guided
             diffusion and a 3D segmenter (:func:`build_mni152_label_maps`).
     """
+
+    model_describing_args = ("patch_size", "percentiles")
+    data_location_args = ("cache_dir",)
 
     def __init__(
         self,

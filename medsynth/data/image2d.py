@@ -10,7 +10,6 @@ Every problem with a file is reported as one :class:`~medsynth.errors.DataError`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from medsynth.data.base import Record, scale_to_unit
 from medsynth.errors import DataError
 from medsynth.io import read_image_file
 
@@ -28,21 +28,9 @@ MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".bmp")
 """Mask files read from a folder: lossless formats only (a JPEG alters labels)."""
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    """One 2D example: an image and/or its mask, and the split it belongs to.
-
-    Attributes:
-        name: the file name that identifies the example (the image's, or the mask's when there is no image).
-        split: ``train``, ``val`` or ``test``.
-        image: path of the image, or ``None`` for a mask-only record (sampling from test masks).
-        mask: path of the integer mask, or ``None`` for unconditional data.
-    """
-
-    name: str
-    split: str
-    image: Optional[Path] = None
-    mask: Optional[Path] = None
+ImageRecord = Record
+"""One 2D example: an image and/or its mask, and its split (the one record type of 2D and 3D data,
+:class:`~medsynth.data.base.Record`)."""
 
 
 def list_image_files(folder: Path, what: str = "image", suffixes: Sequence[str] = IMAGE_SUFFIXES,
@@ -207,13 +195,14 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
 
 
 def to_unit_range(arr: np.ndarray, intensity_range: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Map stored intensities to float32 in [-1, 1].
+    """Map stored intensities to float32 in [-1, 1] (the map volumes use too,
+    :func:`~medsynth.data.base.scale_to_unit`; here the range comes from the stored type or ``intensity_range``).
 
     Args:
         arr: image as stored, shape ``(C, H, W)``.
         intensity_range: ``(low, high)`` stored values that map to -1 and 1 (values outside are clipped). When
             ``None``: 8-bit and 16-bit integers use their full range, booleans map to {-1, 1}, and anything else
-            (float NPY, other integers) is min-max scaled per image.
+            (float NPY, other integers) is min-max scaled per image; a constant image maps to 0.
     """
     if intensity_range is not None:
         lo, hi = float(intensity_range[0]), float(intensity_range[1])
@@ -225,10 +214,9 @@ def to_unit_range(arr: np.ndarray, intensity_range: Optional[Sequence[float]] = 
         lo, hi = 0.0, 1.0
     else:
         lo, hi = float(arr.min()), float(arr.max())
-    x = arr.astype(np.float32)
     if hi <= lo:
-        return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0
+        return np.zeros(arr.shape, np.float32)
+    return scale_to_unit(arr, lo, hi).numpy()
 
 
 def validate_records(records: Sequence[ImageRecord], channels: int, num_classes: int,

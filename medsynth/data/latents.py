@@ -2,16 +2,12 @@
 
 A latent manifest (``latents.json``, written by :class:`~medsynth.writers.LatentWriter`) lists one
 ``.npy`` per encoded input with its split, class label, mask and source affine, the scaling to apply
-(``(z - shift) * scale``) and the autoencoder that made them (checkpoint, SHA-256, channels, downsampling). For
-volumes it also records how their intensities were normalised (``intensity``: the CT window, or the MRI
-percentiles with the median range; see ``Normalization.describe``) and the geometry they were read with
-(``geometry``: resampling spacing, RAS reorientation). These keys are optional: older manifests still read, and
-their samples stay in [-1, 1].
+(``(z - shift) * scale``) and the autoencoder that made them; for volumes also their intensity normalisation and
+geometry. Its format is defined, and read and checked, in :mod:`medsynth.data.latent_manifest`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -22,86 +18,14 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset, default_collate
 
 from medsynth.contracts import FromModel
-from medsynth.data.base import SPLITS, MedsynthDataModule, resolve_listed_path, split_by_name
+from medsynth.data.base import MedsynthDataModule, resolve_listed_path, split_by_name
 from medsynth.data.image2d import read_mask
+from medsynth.data.latent_manifest import read_latent_manifest
 from medsynth.data.manifest import load_json
 from medsynth.data.volumes import read_label_map
 from medsynth.diffusion.conditioning import reduce_to_grid
 from medsynth.errors import DataError
-from medsynth.io import check_complete, read_npy
-
-
-def read_latent_manifest(path: str | Path) -> dict:
-    """Read and check a latent manifest; record paths become absolute.
-
-    Raises:
-        DataError: not a latent manifest, a missing latent file, latents that disagree in channel count or
-            dimensionality, or records made by another autoencoder or scaling than the manifest names.
-    """
-    path = Path(path)
-    raw = load_json(path, "latent manifest")
-    if not isinstance(raw, dict) or raw.get("kind") != "medsynth latents":
-        raise DataError(f"{path}: not a latent manifest (write one with `medsynth predict --config configs/encode3d.yaml`)")
-    scaling, ae = raw.get("scaling") or {}, raw.get("autoencoder") or {}
-    if not isinstance(scaling, dict) or not isinstance(ae, dict):
-        raise DataError(f"{path}: latent manifest with a malformed 'scaling' or 'autoencoder' entry")
-    numbers = [scaling.get(k) for k in ("shift", "scale")]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers) \
-            or not numbers[1] > 0:
-        raise DataError(f"{path}: latent manifest without a valid scaling (shift, scale > 0)")
-    intensity = raw.get("intensity")
-    if intensity is not None and (not isinstance(intensity, dict) or ("low" in intensity) != ("high" in intensity)
-                                  or "low" in intensity and not _finite_range(intensity["low"], intensity["high"])):
-        raise DataError(f"{path}: latent manifest with a malformed 'intensity' (need finite low < high)")
-    records = raw.get("records")
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{path}: latent manifest lists no latents")
-    root = Path(os.path.abspath(path.parent))
-    check_complete(root)
-    channels = ae.get("latent_channels")
-    shapes, files = [], {}
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or not isinstance(rec.get("latent"), str):
-            raise DataError(f"{path}: record {i} has no 'latent' file")
-        for key in ("scaling", "autoencoder_sha256"):  # per-record values (merged manifests) must agree
-            if key in rec and rec[key] != (scaling if key == "scaling" else ae.get("sha256")):
-                raise DataError(f"{path}: record {i} ({rec['latent']}) was made with another {key.replace('_', ' ')} "
-                                "than the manifest's; encode all volumes with one autoencoder run")
-        file = resolve_listed_path(path, rec["latent"], f"record {i}")
-        if not file.is_file():
-            raise DataError(f"{file}: latent file listed in {path} does not exist")
-        if file in files:
-            raise DataError(f"{path}: record {i} lists {rec['latent']} again (record {files[file]}); each latent "
-                            "belongs to one record")
-        files[file] = i
-        shape = read_npy(file, "latent", mmap=True).shape
-        if len(shape) < 2 or 0 in shape:
-            raise DataError(f"{file}: latent of shape {list(shape)}; expected (C, *spatial)")
-        if list(rec.get("shape", shape)) != list(shape):
-            raise DataError(f"{file}: latent of shape {list(shape)} but {path} records {rec.get('shape')}")
-        if channels is not None and shape[0] != channels:
-            raise DataError(f"{file}: {shape[0]} latent channels, but the manifest's autoencoder has {channels}")
-        if shapes and (shape[0] != shapes[0][0] or len(shape) != len(shapes[0])):
-            raise DataError(f"{file}: latent of shape {list(shape)} disagrees with {list(shapes[0])} in channels or "
-                            "dimensions")
-        if rec.get("split", "train") not in SPLITS:
-            raise DataError(f"{path}: record {i} has split '{rec['split']}'; expected one of {', '.join(SPLITS)}")
-        name, shape_listed = rec.get("name", ""), rec.get("shape", [])
-        if not isinstance(name, str) or "/" in name or not isinstance(shape_listed, list):
-            raise DataError(f"{path}: record {i} has a malformed 'name' or 'shape'")
-        if "label" in rec and (not isinstance(rec["label"], int) or isinstance(rec["label"], bool) or rec["label"] < 0):
-            raise DataError(f"{path}: record {i} label {rec['label']!r} is not an integer >= 0")
-        rec = dict(rec, latent=str(file))
-        if rec.get("mask"):
-            rec["mask"] = str(resolve_listed_path(path, rec["mask"], f"record {i} mask"))
-        records[i] = rec
-        shapes.append(shape)
-    return raw
-
-
-def _finite_range(low: object, high: object) -> bool:
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (low, high))
-    return numbers and low < high
+from medsynth.io import read_npy
 
 
 def random_crop(z: torch.Tensor, masks: dict, size: int, factor: int = 1) -> tuple[torch.Tensor, dict]:
@@ -352,6 +276,9 @@ class LatentDataModule(MedsynthDataModule):
             multiple of the autoencoder's downsampling factor whose latent sides the net can denoise (BiFlowNet:
             multiples of its sub-volume side); default the downsampling factor.
     """
+
+    model_describing_args = ("num_classes",)
+    data_location_args = ("manifest",)
 
     def __init__(
         self,

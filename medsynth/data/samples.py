@@ -90,6 +90,9 @@ class SampleDirDataModule(MedsynthDataModule):
     configs) also diversity, FID/KID, the real-image ceiling, ``report.md`` and bar charts.
     """
 
+    model_describing_args = ("image_size", "intensity_range")
+    data_location_args = ()
+
     def __init__(
         self,
         samples_dir: Optional[Path] = None,

@@ -38,7 +38,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset
 from torchio.transforms.augmentation import RandomTransform
 
-from medsynth.data.base import SPLITS, MedsynthDataModule, name_fraction, resolve_listed_path
+from medsynth.data.base import SPLITS, MedsynthDataModule, Record, name_fraction, resolve_listed_path, scale_to_unit
 from medsynth.data.manifest import load_json
 from medsynth.errors import DataError, MedsynthError
 from medsynth.io import ITK_SUFFIXES, content_kind, read_itk_volume, read_nifti
@@ -51,23 +51,9 @@ PLANES = ((0, 1), (0, 2), (1, 2))
 Array = Union[np.ndarray, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class VolumeRecord:
-    """One 3D example.
-
-    Attributes:
-        name: the file name without its volume suffix (a DICOM series: the folder's name); unique in a manifest.
-        image: absolute path of the volume file or DICOM series folder.
-        label: integer class label (>= 0), or ``None`` for unlabelled data.
-        split: ``train``, ``val`` or ``test``; ``None`` leaves it to :func:`assign_splits`.
-        mask: absolute path of the volume's integer label map (see :func:`read_label_map`), or ``None``.
-    """
-
-    name: str
-    image: Path
-    label: Optional[int] = None
-    split: Optional[str] = None
-    mask: Optional[Path] = None
+VolumeRecord = Record
+"""One 3D example (the one record type of 2D and 3D data, :class:`~medsynth.data.base.Record`; splits left
+``None`` are assigned by :func:`assign_splits`, masks are label maps read by :func:`read_label_map`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- manifests
@@ -530,12 +516,6 @@ class Normalization:
         return ((x + 1.0) * ((high - low) / 2.0) + low).float()
 
 
-def scale_to_unit(array: Array, low: float, high: float) -> torch.Tensor:
-    """Clip intensities to ``[low, high]`` and map that range linearly onto [-1, 1] (float32, same shape)."""
-    x = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).double()
-    return ((x.clamp(low, high) - low) * (2.0 / (high - low)) - 1.0).float()
-
-
 class ScaleToUnit(tio.IntensityTransform):
     """Scales each subject's images to [-1, 1] with the ``norm_low``/``norm_high`` the subject carries.
 
@@ -720,6 +700,9 @@ class VolumeDataModule(MedsynthDataModule):
         num_classes: label-map classes counting background (labels ``0..K-1``); ``None`` counts them from the
             label maps (largest label + 1). Ignored without label maps.
     """
+
+    model_describing_args = ("num_classes", "channels", "patch_size", "normalization", "percentiles", "ct_window")
+    data_location_args = ("manifest",)
 
     def __init__(
         self,

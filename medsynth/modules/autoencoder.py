@@ -354,8 +354,9 @@ class AutoencoderModule(L.LightningModule):
                 "downsample_factor": self.net.downsample_factor,
                 "patch_size": self.hparams.predict_patch_size or self.image_size}
 
-    def prediction_writer(self, output_dir: Path, metadata: dict):
-        """The callback that writes this module's predictions (reconstructions or latents) under ``output_dir``."""
+    def prediction_writer(self, output_dir: Path, metadata: dict, config: Optional[dict]):
+        """The callback that writes this module's predictions (reconstructions or latents) under ``output_dir``
+        (latents record their encoder in the latent manifest, not the run's config)."""
         if self.hparams.predict_output == "latent":
             return LatentWriter(output_dir, metadata=metadata, scaling=self.hparams.latent_scaling)
-        return ReconstructionWriter(output_dir, metadata=metadata)
+        return ReconstructionWriter(output_dir, metadata=metadata, config=config)

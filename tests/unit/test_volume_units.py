@@ -151,7 +151,7 @@ def test_latent_manifest_records_the_units_and_generated_volumes_are_written_in_
                             class_names=None)
     out = tmp_path / "samples"
     samples = SampleWriter(out)
-    run = SimpleNamespace(run_config=None, world_size=1, precision="32", is_global_zero=True,
+    run = SimpleNamespace(world_size=1, precision="32", is_global_zero=True,
                           strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
     samples.on_predict_start(run, model)
     samples.write_on_batch_end(run, model, {"sample": sample, "name": ["sample_00000"], "index": [0]}, None, None, 0)
