@@ -104,15 +104,16 @@ class LatentDataset(Dataset):
 
     def __init__(self, records: list[dict], shift: float, scale: float, crop_size: Optional[int] = None,
                  flip_axes: Sequence[int] = (), num_classes: int = 0, defer_crop: bool = False,
-                 downsample_factor: int = 1) -> None:
+                 downsample_factor: int = 1, repeats: int = 1) -> None:
         self.records, self.shift, self.scale = records, shift, scale
         self.crop_size, self.flip_axes, self.num_classes = crop_size, tuple(flip_axes), num_classes
-        self.defer_crop, self.downsample_factor = defer_crop, downsample_factor
+        self.defer_crop, self.downsample_factor, self.repeats = defer_crop, downsample_factor, int(repeats)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) * self.repeats  # each latent ``repeats`` times: its own crop and flips each time
 
     def __getitem__(self, index: int) -> dict:
+        index = index % len(self.records)
         rec = self.records[index]
         raw = read_npy(rec["latent"], "latent")
         if raw.dtype.kind not in "biuf" or not np.isfinite(raw).all():
@@ -255,6 +256,9 @@ class LatentDataModule(MedsynthDataModule):
             one of them, drawn at random, so BiFlowNet's resolution embedding and sub-volume positions learn every
             size in the list (generate at those sizes); validation uses the largest. ``None`` trains on whole
             latents (they must share a shape).
+        crops_per_latent: training items each latent gives per epoch, each with its own random crop and flips:
+            with a few large latents (a handful of volumes), it fills batches that would otherwise hold one crop
+            per volume.
         val_fraction: share of latents without a split that validate (chosen by a hash of the name).
         batch_size: latents per batch (per device).
         num_workers: DataLoader worker processes.
@@ -285,6 +289,7 @@ class LatentDataModule(MedsynthDataModule):
         manifest: Optional[Path] = None,
         num_classes: Optional[NonNegativeInt] = 0,
         crop_size: Optional[int | list[int]] = None,
+        crops_per_latent: PositiveInt = 1,
         val_fraction: float = 0.1,
         batch_size: PositiveInt = 4,
         num_workers: NonNegativeInt = 2,
@@ -314,6 +319,7 @@ class LatentDataModule(MedsynthDataModule):
             raise DataError(f"data.crop_size={crop_size}: crop sides must be positive")
         self.crop_sizes = sizes
         self.crop_size = sizes[-1] if sizes else None  # the largest: validation crops, the default sample shape
+        self.crops_per_latent = int(crops_per_latent)
         self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -536,7 +542,8 @@ class LatentDataModule(MedsynthDataModule):
         return LatentDataset(self.records(split), float(s["shift"]), float(s["scale"]), self.crop_size,
                              flip_axes=self.flip_axes if train else (), num_classes=self.num_classes,
                              defer_crop=train and len(self.crop_sizes) > 1,
-                             downsample_factor=self.downsample_factor)
+                             downsample_factor=self.downsample_factor,
+                             repeats=self.crops_per_latent if train else 1)
 
     def setup(self, stage: str) -> None:
         if self.manifest is None and stage == "predict" and not self.num_classes:  # generating: no latents to check

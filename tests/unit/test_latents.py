@@ -219,3 +219,16 @@ def test_a_patch_embedding_model_conditions_on_the_image_resolution_mask(tmp_pat
     assert not torch.allclose(a, b)  # the model sees below the latent grid
     with pytest.raises(MedsynthError, match="full_mask"):
         model.sample(same_grid, indices=[0])
+
+
+def test_crops_per_latent_fill_an_epoch_with_different_crops_of_each_latent(tmp_path):
+    m = write_latents(tmp_path / "l", {"a": (16, 16, 16), "b": (16, 16, 16)})
+    dm = LatentDataModule(manifest=m, num_workers=0, crop_size=4, crops_per_latent=3, batch_size=6, val_fraction=0.0)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    batch = next(iter(dm.train_dataloader()))
+    assert len(dm.datasets["train"]) == 6 and batch["image"].shape == (6, 4, 4, 4, 4)
+    assert sorted(batch["name"]) == ["a", "a", "a", "b", "b", "b"]
+    crops = [c for c, name in zip(batch["image"], batch["name"]) if name == "a"]
+    assert not torch.equal(crops[0], crops[1]) or not torch.equal(crops[1], crops[2])  # their own windows
+    assert len(dm.datasets["val"]) == 2  # validation reads each latent once
