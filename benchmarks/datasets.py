@@ -16,6 +16,12 @@ Segmentation-guided (``IMGS/{train,val,test}/*.png``, ``MASKS/all/{train,val,tes
 - ``axial5_pd``: axial slices in a PD-like contrast, 5 classes (GM split into left and right hemisphere), 16-bit
   PNGs. Held out.
 
+Volumes with label maps (a manifest of NIfTI ``{"image", "mask", "split"}`` records, 2 mm):
+
+- ``axial4_t2_3d``: the T2-like volume cut across the inferior-superior axis: the inferior half trains, the
+  superior half (cortex and vertex, which the inferior half barely shows) is held out; 4 classes. The demo cuts the
+  T1 into posterior and anterior halves.
+
 Class-conditional (a JSON class map ``{"0": dir, ...}`` of folders with ``train/val/test``):
 
 - ``planes3_t2``: the T2-like volume's axial / coronal / sagittal slices, the plane as the class.
@@ -28,12 +34,24 @@ import argparse
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
 
-from medsynth.data.demo import PLANE_AXIS, _square, mni152_maps, mni152_volumes
+from medsynth.data.demo import (
+    PLANE_AXIS,
+    _shifted,
+    _square,
+    downsample_volume,
+    mni152_files,
+    mni152_maps,
+    mni152_volumes,
+)
+from medsynth.diffusion.conditioning import reduce_to_grid
 from medsynth.io import save_json, save_png
 
 SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd")
+VOLUME_DATASETS = ("axial4_t2_3d",)
 CLASS_DATASETS = ("planes3_t2", "contrast3")
 
 
@@ -143,17 +161,46 @@ def build_class(name: str, root: Path) -> dict:
     return info
 
 
+def build_volumes(name: str, root: Path) -> dict:
+    """Write a volume dataset ``name`` under ``root``: two halves at 2 mm with their label maps and
+    ``manifest.json``."""
+    if name != "axial4_t2_3d":
+        raise ValueError(f"unknown dataset {name}; choose from {VOLUME_DATASETS}")
+    affine = np.asarray(nib.load(mni152_files()["t1"]).affine, dtype=np.float64)
+    vol, affine2 = downsample_volume(contrast("t2", seed=5), affine, 2.0)
+    labels = four_class_labels()
+    even = tuple(slice(0, 2 * s) for s in vol.shape)  # blocks of 2 voxels: each 2 mm voxel's majority label
+    labels = reduce_to_grid(torch.from_numpy(labels[even].astype(np.int64)), 2).numpy().astype(np.uint8)
+    cut = vol.shape[2] // 2
+    halves = {"inferior": (slice(0, cut), 0, "train"), "superior": (slice(cut, None), cut, "val")}
+    if affine2[2, 2] < 0:  # the third axis runs downwards: its first half is the superior one
+        halves = {"superior": halves["inferior"][:2] + ("val",), "inferior": halves["superior"][:2] + ("train",)}
+    records = []
+    for half, (window, start, split) in halves.items():
+        aff = _shifted(affine2, start, 2)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(vol[:, :, window]), aff), root / f"{half}.nii.gz")
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(labels[:, :, window]), aff), root / "labels" / f"{half}.nii.gz")
+        records.append({"image": f"{half}.nii.gz", "mask": f"labels/{half}.nii.gz", "split": split})
+    save_json(root / "manifest.json", records)
+    info = {"kind": "volumes", "num_classes": int(labels.max()) + 1, "shape": list(vol.shape), "cut_axis": 2}
+    save_json(root / "dataset.json", info)
+    return info
+
+
 def build(name: str, root: Path) -> dict:
     """Build dataset ``name`` into ``root`` unless it is there; return its ``dataset.json``."""
     if (root / "dataset.json").is_file():
         return json.loads((root / "dataset.json").read_text())
+    if name in VOLUME_DATASETS:
+        return build_volumes(name, root)
     return build_seg(name, root) if name in SEG_DATASETS else build_class(name, root)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--names", nargs="*", default=[*SEG_DATASETS, *CLASS_DATASETS])
+    p.add_argument("--names", nargs="*", default=[*SEG_DATASETS, *CLASS_DATASETS, *VOLUME_DATASETS])
     args = p.parse_args()
     for name in args.names:
         print(name, build(name, args.out / name))

@@ -31,6 +31,24 @@ def generated_affine(latent_space: dict) -> np.ndarray:
     return affine
 
 
+def save_volume(path: Path, x: np.ndarray, affine: np.ndarray, descrip: str) -> None:
+    """A volume ``(C, X, Y, Z)`` as float32 NIfTI: one channel as ``(X, Y, Z)``, several channels last."""
+    array = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+    save_nifti(path, np.asarray(array, dtype=np.float32), affine, descrip=descrip)
+
+
+def save_label_map(folder: Path, stem: str, mask: np.ndarray, affine: Optional[np.ndarray], descrip: str,
+                   text: Optional[dict] = None) -> str:
+    """A label map beside its image: a volume's ``(X, Y, Z)`` as NIfTI with the image's affine, a 2D mask as PNG
+    (with ``text`` marks); uint8, or uint16 from 256 classes. Returns its path relative to ``folder``'s parent."""
+    mask = mask.astype(np.uint8 if mask.max() < 256 else np.uint16)
+    if mask.ndim == 3:
+        save_nifti(folder / f"{stem}.nii.gz", mask, affine if affine is not None else np.eye(4), descrip=descrip)
+        return f"{folder.name}/{stem}.nii.gz"
+    save_png(folder / f"{stem}.png", mask, text=text)
+    return f"{folder.name}/{stem}.png"
+
+
 def mask_slices(mask: np.ndarray) -> list[np.ndarray]:
     """The three orthogonal mid-slices of a label map ``(X, Y, Z)``, coloured, laid out as
     :func:`~medsynth.visual.orthogonal_slices` lays out a volume's (so grids put a mask above its sample)."""
@@ -142,12 +160,10 @@ class SampleWriter(BasePredictionWriter):
             if sample.ndim == 4:  # a volume (C, X, Y, Z): NIfTI with the model's voxel spacing and orientation
                 latent_space = getattr(pl_module, "latent_space", None) or {}
                 volume, self._units = in_source_units(sample, latent_space)
-                array = volume.numpy()[0] if volume.shape[0] == 1 else np.moveaxis(volume.numpy(), 0, -1)
                 # conditioned on a label map: the label map's geometry, so the sample overlays it
                 affine = (prediction["affine"][i].double().numpy() if "affine" in prediction
                           else generated_affine(latent_space))
-                save_nifti(folder / f"{stem}.nii.gz", array.astype(np.float32), affine,
-                           descrip=nifti_descrip("sample"))
+                save_volume(folder / f"{stem}.nii.gz", volume.numpy(), affine, nifti_descrip("sample"))
                 view = np.concatenate(orthogonal_slices(sample), axis=1)
             else:
                 view = to_uint8(sample)
@@ -156,15 +172,10 @@ class SampleWriter(BasePredictionWriter):
             if masks is not None:
                 mask = masks[i].numpy()
                 synthetic_mask = bool(prediction["synthetic_mask"][i]) if "synthetic_mask" in prediction else False
-                dtype = np.uint8 if mask.max() < 256 else np.uint16
-                if mask.ndim == 3:  # a volume's label map: NIfTI beside the sample, same geometry
-                    save_nifti(self.output_dir / "masks" / f"{stem}.nii.gz", mask.astype(dtype),
-                               affine if affine is not None else np.eye(4), descrip="medsynth conditioning label map")
-                    mask_view = np.concatenate(mask_slices(mask), axis=1)
-                else:
-                    save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(dtype),
-                             text=mark if synthetic_mask else None)  # a user's own mask is not synthetic
-                    mask_view = colorize_mask(mask)
+                # a volume's label map with the sample's geometry; a user's own 2D mask is not marked synthetic
+                save_label_map(self.output_dir / "masks", stem, mask, affine, "medsynth conditioning label map",
+                               text=mark if synthetic_mask else None)
+                mask_view = np.concatenate(mask_slices(mask), axis=1) if mask.ndim == 3 else colorize_mask(mask)
                 if "mask_path" in prediction:
                     self._masks[stem] = str(prediction["mask_path"][i])
             row = int(labels[i]) if labels is not None else None
@@ -260,10 +271,9 @@ class ReconstructionWriter(BasePredictionWriter):
                 x = Normalization.from_unit(x, float(prediction["norm_low"][i]), float(prediction["norm_high"][i]))
             x = x.numpy().astype(np.float32)
             extra = {"source": source, "kind": "autoencoder reconstruction"}
-            if x.ndim == 4:  # (C, X, Y, Z) -> NIfTI, channels last
+            if x.ndim == 4:  # a volume (C, X, Y, Z)
                 affine = prediction["affine"][i].numpy() if "affine" in prediction else np.eye(4)
-                array = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
-                save_nifti(self.output_dir / f"{stem}.nii.gz", array, affine, descrip=nifti_descrip("reconstruction"))
+                save_volume(self.output_dir / f"{stem}.nii.gz", x, affine, nifti_descrip("reconstruction"))
             else:
                 save_npy(self.output_dir / f"{stem}.npy", x)
                 save_png(self.output_dir / f"{stem}.png", to_uint8(recon[i]), text=png_text(self._sha, None, index))
@@ -338,16 +348,9 @@ class LatentWriter(BasePredictionWriter):
             if "norm_low" in prediction and "norm_high" in prediction:  # the intensities -1 and 1 stood for
                 record["intensity_range"] = [float(prediction["norm_low"][i]), float(prediction["norm_high"][i])]
             if "mask" in prediction:
-                mask = prediction["mask"][i].numpy()
-                dtype = np.uint8 if mask.max() < 256 else np.uint16
-                if mask.ndim == 3:  # a volume's label map, on its image's grid: NIfTI with the image's affine
-                    affine = prediction["affine"][i].double().numpy() if "affine" in prediction else np.eye(4)
-                    save_nifti(self.output_dir / "masks" / f"{stem}.nii.gz", mask.astype(dtype), affine,
-                               descrip="medsynth label map (the encoded volume's)")
-                    record["mask"] = f"masks/{stem}.nii.gz"
-                else:
-                    save_png(self.output_dir / "masks" / f"{stem}.png", mask.astype(dtype))
-                    record["mask"] = f"masks/{stem}.png"
+                affine = prediction["affine"][i].double().numpy() if "affine" in prediction else None
+                record["mask"] = save_label_map(self.output_dir / "masks", stem, prediction["mask"][i].numpy(), affine,
+                                                "medsynth label map (the encoded volume's)")
                 if "mask_path" in prediction:
                     record["mask_source"] = str(prediction["mask_path"][i])
             self._records.append(record)

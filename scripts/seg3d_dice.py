@@ -52,10 +52,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     judge = SegmenterModule.load_from_checkpoint(args.segmenter, map_location="cpu").eval()
     norm = Normalization("mri")
-    rows = {}
+    rows, splits = {}, {}
     pairs = [tuple(pair) for pair in args.real]
     if args.latents:
-        pairs += [(r["source"], r["mask"]) for r in read_latent_manifest(args.latents)["records"] if r.get("mask")]
+        records = [r for r in read_latent_manifest(args.latents)["records"] if r.get("mask")]
+        pairs += [(r["source"], r["mask"]) for r in records]
+        splits = {r["name"]: (r.get("split", "train"), f"real {r['source']}") for r in records}
     for image, labels in pairs:
         rows[f"real {image}"] = dice(judge, Path(image), Path(labels), args.window, norm)
     for sample in sorted((args.samples / "samples").glob("*.nii.gz")):
@@ -63,6 +65,12 @@ def main() -> None:
     table = {name: {"per_class": v, "mean": float(np.nanmean(v))} for name, v in rows.items()}
     for name, row in table.items():
         print(f"{name:40s} mean Dice {row['mean']:.3f}  per class {', '.join(f'{v:.3f}' for v in row['per_class'])}")
+    for name, (split, real) in sorted(splits.items()):  # a sample on an encoded volume's label map: its fraction
+        sample = table.get(f"sample {name}.nii.gz")
+        if sample is not None and table[real]["mean"] > 0:
+            fraction = sample["mean"] / table[real]["mean"]
+            table[f"sample {name}.nii.gz"]["fraction_of_real"] = fraction
+            print(f"{name} ({split}): samples reach {fraction:.2f} of the real volume's Dice")
     if args.out:
         save_json(args.out, table)
 
