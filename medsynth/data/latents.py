@@ -249,9 +249,9 @@ class LatentDataModule(MedsynthDataModule):
     Args:
         manifest: the latent manifest ``latents.json`` written by ``medsynth predict --config configs/encode3d.yaml``
             (or the 2D encoding recipe).
-        num_classes: mask classes counting background for mask-guided latent diffusion (masks are resized to the
-            latent grid, nearest neighbour); 0 ignores masks; ``null`` takes the count the latent manifest
-            records (written when volumes were encoded with their label maps).
+        num_classes: mask classes counting background for mask-guided latent diffusion (masks are taken to the
+            latent grid by majority, and kept at image resolution); 0 ignores masks; ``null`` takes the count the
+            latent manifest records (written when volumes were encoded with their label maps).
         crop_size: side in latent voxels of random training crops; a list of sides crops each training batch to
             one of them, drawn at random, so BiFlowNet's resolution embedding and sub-volume positions learn every
             size in the list (generate at those sizes); validation uses the largest. ``None`` trains on whole

@@ -145,7 +145,9 @@ def test_encoding_writes_each_label_map_beside_its_latent(chain):
         np.testing.assert_allclose(mask.affine, AFFINE, atol=1e-5)
         assert rec["mask"] == f"masks/{rec['name']}.nii.gz" and rec["mask_source"].endswith(f"{rec['name']}.nii.gz")
     hp = torch.load(chain["ckpt"], map_location="cpu", weights_only=False)["hyper_parameters"]
-    assert hp["num_classes"] == 3 and hp["mask_ablation_prob"] > 0 and hp["label_drop_prob"] > 0
+    assert hp["num_classes"] == 3 and hp["mask_encoding"] == "patch_embedding" and hp["label_drop_prob"] > 0
+    ckpt = torch.load(chain["ckpt"], map_location="cpu", weights_only=False)
+    assert any(k.startswith("mask_embedding.") for k in ckpt["state_dict"])  # the embedding is saved with the net
 
 
 def test_predict_on_label_maps_writes_samples_in_their_geometry(chain, tmp_path):
