@@ -4,8 +4,9 @@ tuned on.
 For each dataset it runs the whole chain through the real ``medsynth`` commands, as ``make demo-3d-seg`` does:
 the demo autoencoder recipe on the dataset's training half (or ``--ae CKPT``), encoding with the label maps, a 3D
 segmenter judge trained on the training half, then each variant's mask-guided BiFlowNet, sampled on both halves'
-label maps. ``scripts/seg3d_dice.py`` scores real volumes (the ceiling) and samples; the held-out half's sample
-Dice over its real Dice is the number that counts. Prints a table and writes JSON.
+label maps. ``scripts/seg3d_dice.py`` scores real volumes (the ceiling), the autoencoder's reconstructions (the
+bound of any latent model) and samples; the held-out half's sample Dice over its real Dice is the number that
+counts. Prints a table and writes JSON.
 
     python benchmarks/seg3d_quality.py --datasets demo axial4_t2_3d --variants demo --out benchmarks/results/seg3d.json
     python benchmarks/seg3d_quality.py --datasets demo --variants demo --extra "eps=--model.objective
@@ -62,14 +63,21 @@ def prepare(name: str, work: Path, ae: Path | None, log: Path) -> dict:
     judge = work / "judge" / "checkpoints" / "last.ckpt"
     if not judge.is_file():
         times["judge"] = run([*MEDSYNTH, "fit", *JUDGE, *data, "--trainer.default_root_dir", work / "judge"], log)
-    return {"latents": latents, "judge": judge, "times": times}
+    recon = work / "reconstructions"  # what the autoencoder keeps of each volume: the bound of any latent model
+    if not (recon / "metadata.json").is_file():
+        times["reconstruct"] = run([*MEDSYNTH, "predict", *AE, *data, "--ckpt_path", ae, "--output_dir", recon,
+                                    "--overwrite"], log)
+    return {"latents": latents, "judge": judge, "recon": recon, "times": times}
 
 
-def score(judge: Path, latents: Path, samples: Path, log: Path) -> dict:
-    """``scripts/seg3d_dice.py``'s table: per volume, real (``real PATH``) and sample (``sample NAME``)."""
+def score(judge: Path, latents: Path, samples: Path, recon: Path, log: Path) -> dict:
+    """``scripts/seg3d_dice.py``'s table: per volume, real (``real PATH``), reconstructed (``real RECON_PATH``)
+    and sample (``sample NAME``)."""
     out = samples / "dice.json"
+    pairs = [a for r in json.loads((latents / "latents.json").read_text())["records"]
+             for a in ("--real", recon / f"{r['name']}.nii.gz", latents / r["mask"])]
     run([sys.executable, ROOT / "scripts/seg3d_dice.py", "--segmenter", judge, "--latents", latents / "latents.json",
-         "--samples", samples, "--out", out], log)
+         *pairs, "--samples", samples, "--out", out], log)
     return json.loads(out.read_text())
 
 
@@ -109,20 +117,25 @@ def main() -> None:
             predict_s = run([*MEDSYNTH, "predict", *variants[vname], "--ckpt_path", run_dir / "checkpoints/last.ckpt",
                              "--data.predict_masks", prep["latents"] / "masks", "--model.guidance_scale", GUIDANCE,
                              "--output_dir", samples, "--overwrite"], log)
-            table = score(prep["judge"], prep["latents"], samples, log)
+            table = score(prep["judge"], prep["latents"], samples, prep["recon"], log)
             real = {Path(k.split(" ", 1)[1]).name.split(".")[0]: v["mean"] for k, v in table.items()
-                    if k.startswith("real ")}
+                    if k.startswith("real ") and str(prep["recon"]) not in k}
+            recon = {Path(k.split(" ", 1)[1]).name.split(".")[0]: v["mean"] for k, v in table.items()
+                     if k.startswith("real ") and str(prep["recon"]) in k}
             sample = {k.split(" ", 1)[1].split(".")[0]: v["mean"] for k, v in table.items() if k.startswith("sample ")}
             row = {"dataset": ds, "variant": vname, "fit_s": round(fit_s), "predict_s": round(predict_s),
-                   "ceiling": real[val], "sample_dice": sample[val], "fraction": sample[val] / real[val],
+                   "ceiling": real[val], "reconstruction_dice": recon[val], "sample_dice": sample[val],
+                   "fraction": sample[val] / real[val], "fraction_of_reconstruction": sample[val] / recon[val],
                    "train_half_fraction": sample[train] / real[train], "table": table, "prepare_s": prep["times"]}
             results = [r for r in results if (r["dataset"], r["variant"]) != (ds, vname)] + [row]
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"{'dataset':14s} {'variant':12s} {'fit s':>6s} {'ceiling':>8s} {'samples':>8s} {'fraction':>9s} {'(train half)':>13s}")
+    print(f"{'dataset':14s} {'variant':12s} {'fit s':>6s} {'ceiling':>8s} {'recon':>7s} {'samples':>8s} "
+          f"{'fraction':>9s} {'of recon':>9s} {'(train half)':>13s}")
     for r in results:
-        print(f"{r['dataset']:14s} {r['variant']:12s} {r['fit_s']:6d} {r['ceiling']:8.3f} {r['sample_dice']:8.3f} "
-              f"{r['fraction']:9.2f} {r['train_half_fraction']:13.2f}")
+        print(f"{r['dataset']:14s} {r['variant']:12s} {r['fit_s']:6d} {r['ceiling']:8.3f} "
+              f"{r.get('reconstruction_dice', float('nan')):7.3f} {r['sample_dice']:8.3f} {r['fraction']:9.2f} "
+              f"{r.get('fraction_of_reconstruction', float('nan')):9.2f} {r['train_half_fraction']:13.2f}")
 
 
 if __name__ == "__main__":

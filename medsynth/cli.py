@@ -161,6 +161,20 @@ class ReleaseHeldOutput(Callback):
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = on_fit_start
 
 
+class LogDataSettings(Callback):
+    """Logs the datamodule's settings under ``data`` when a run starts. Datamodules keep them out of Lightning's
+    own hyper-parameter logging (``save_hyperparameters(logger=False)``), which merges model and data settings
+    into one flat dict and stops the run on a name the two hold with different values, although the same name
+    can mean two things: a mask generator's ``data.num_classes`` is its model's output channels, its model's
+    ``num_classes`` 0; ``data.num_classes: null`` counts the classes the model is built with."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        data = trainer.datamodule
+        if data is not None:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"data": {k: v for k, v in data.hparams.items() if k != "_class_path"}})
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
 
@@ -761,6 +775,8 @@ class MedsynthCLI(LightningCLI):
         if stage in ("fit", "predict"):
             self._check_net_shapes(stage)
         self.trainer.callbacks.append(ReleaseHeldOutput(self.held))
+        if self.trainer.loggers and self.datamodule is not None:
+            self.trainer.callbacks.append(LogDataSettings())
 
     def _check_net_shapes(self, stage: str) -> None:
         """A diffusion model's net must take the shapes it will be given (e.g. an image side its downsampling

@@ -179,7 +179,7 @@ class ClassImageDataModule(MedsynthDataModule):
                                samples_per_class=samples_per_class)
         check_positive_options(least=0, num_workers=num_workers)
         check_intensity_range(intensity_range)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged under "data" by the CLI (cli.LogDataSettings)
         self.manifest = Path(manifest) if manifest is not None else None
         self.root = Path(root) if root is not None else None
         self.image_size, self.channels, self.intensity_range = image_size, channels, intensity_range

@@ -106,7 +106,7 @@ class SegGuidedImageDataModule(MedsynthDataModule):
         check_positive_options(batch_size=batch_size, channels=channels, num_samples=num_samples)
         check_positive_options(least=0, num_workers=num_workers)
         check_intensity_range(intensity_range)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged under "data" by the CLI (cli.LogDataSettings)
         self.img_dir = Path(img_dir) if img_dir is not None else None
         self.seg_dir = Path(seg_dir) if seg_dir is not None else None
         self.seg_type = seg_type

@@ -308,7 +308,7 @@ class LatentDataModule(MedsynthDataModule):
             raise DataError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
         if spacing is not None and (len(spacing) != 3 or not all(np.isfinite(v) and v > 0 for v in spacing)):
             raise DataError(f"data.spacing={list(spacing)}: give three positive voxel sides in mm")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged under "data" by the CLI (cli.LogDataSettings)
         self.manifest = Path(manifest) if manifest is not None else None
         self._num_classes = num_classes
         self.predict_masks = Path(predict_masks) if predict_masks is not None else None

@@ -83,7 +83,7 @@ class GeneratedMaskDataModule(MedsynthDataModule):
         super().__init__()
         if mask_checkpoint is None:
             raise MedsynthError("data.mask_checkpoint is not set: give the mask generator's checkpoint")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged under "data" by the CLI (cli.LogDataSettings)
         self.mask_checkpoint = Path(mask_checkpoint)
         self.mask_model = load_module(self.mask_checkpoint)
         if getattr(self.mask_model, "output", "image") != "mask":

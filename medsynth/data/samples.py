@@ -117,7 +117,7 @@ class SampleDirDataModule(MedsynthDataModule):
             raise DataError(f"data.features={self.features}: FID/KID also need real images: --data.real_dir IMGS")
         if self.real_dir is not None and not self.real_dir.is_dir():
             raise DataError(f"{self.real_dir}: real image folder (data.real_dir) does not exist")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged under "data" by the CLI (cli.LogDataSettings)
         self.samples_dir = Path(samples_dir)
         meta_path = self.samples_dir / "metadata.json"
         if not self.samples_dir.is_dir():

@@ -744,7 +744,7 @@ class VolumeDataModule(MedsynthDataModule):
         if num_classes is not None and num_classes < 2:
             raise DataError(f"data.num_classes={num_classes}: label maps have at least 2 classes (counting "
                             "background); leave it unset to count them")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged under "data" by the CLI (cli.LogDataSettings)
         self.manifest = Path(manifest) if manifest is not None else None
         self.patch_size, self.channels = patch_size, channels
         self.normalization = Normalization(normalization, tuple(percentiles), tuple(ct_window))

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medsynth.cli import main
 from medsynth.data.volumes import VolumeDataModule, read_label_map
@@ -181,6 +182,23 @@ def test_predict_on_label_maps_writes_samples_in_their_geometry(chain, tmp_path)
     assert sorted(p.name for p in (tmp_path / "out2/samples").glob("*.nii.gz")) == ["odd.nii.gz"]
     odd = nib.load(tmp_path / "out2/samples/odd.nii.gz")
     assert odd.shape == (14, 12, 10) and np.allclose(odd.affine, affine, atol=1e-5)
+
+
+def test_logged_runs_start_when_the_data_counts_the_classes(chain, tmp_path):
+    """Lightning's logger merge refuses a name that model and datamodule hold with two values: ``data.num_classes:
+    null`` (counted from label maps or taken from latents.json) must not stop a logged run; data settings are
+    logged under ``data``."""
+    csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "logs")]
+    volumes = str(chain["data"] / "volumes.json")  # with label maps: 3 classes, counted
+    main(["fit", "--config", C("ae3d.yaml"), "--config", C("tests/tiny_ae3d.yaml"), "--data.manifest", volumes,
+          *csv, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "ae")])
+    main(["fit", *chain["ldm"], "--data.manifest", str(chain["latents"] / "latents.json"), *csv,
+          "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "ldm")])
+    saved = torch.load(tmp_path / "ldm/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["hyper_parameters"]["num_classes"] == 3  # counted; the data setting stays as given (null)
+    assert saved["datamodule_hyper_parameters"]["num_classes"] is None
+    logged = [yaml.safe_load(f.read_text()) for f in sorted((tmp_path / "logs").rglob("hparams.yaml"))]
+    assert logged[-1]["num_classes"] == 3 and logged[-1]["data"]["manifest"].endswith("latents.json")
 
 
 def medsynth(*args, cwd: Path) -> subprocess.CompletedProcess:

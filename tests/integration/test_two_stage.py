@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from tests.integration.test_cli import BASE, data_args, run
@@ -16,8 +17,12 @@ MASK = ["--config", CONFIGS / "mask2d.yaml", "--config", CONFIGS / "tests" / "ti
 def test_mask_generator_then_image_mask_pairs(seg_dataset, tmp_path, capsys):
     img_dir, seg_dir = seg_dataset
     mask_run, image_run = tmp_path / "mask_run", tmp_path / "image_run"
-    assert run("fit", *MASK, "--data.seg_dir", seg_dir, "--data.num_classes", 3,
-               "--trainer.default_root_dir", mask_run) == 0
+    # logged: data.num_classes (3 mask classes) and the generator's num_classes (0: unconditional) share a name
+    assert run("fit", *MASK, "--data.seg_dir", seg_dir, "--data.num_classes", 3, "--trainer.default_root_dir",
+               mask_run, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+               tmp_path / "logs") == 0
+    logged = yaml.safe_load(next((tmp_path / "logs").rglob("hparams.yaml")).read_text())
+    assert logged["num_classes"] == 0 and logged["image_channels"] == 3 and logged["data"]["num_classes"] == 3
     state = torch.load(mask_run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
     assert state["net.unet.conv_in.weight"].shape[1] == 3  # unconditional, K one-hot channels in
     masks_out = tmp_path / "masks_out"
