@@ -63,7 +63,7 @@ demo-3d: install ## 3D chain on MNI152: autoencoder (demo-ae3d's), encode, BiFlo
 	  --output_dir $(DEMO3D_RUN)/generated --overwrite
 	@echo "generated volumes: $(DEMO3D_RUN)/generated/samples/*.nii.gz (grid.png: orthogonal mid-slices)"
 
-demo-3d-seg: install ## 3D mask-guided: BiFlowNet on MNI152 tissue label maps, samples judged by a 3D segmenter's Dice
+demo-3d-seg: install ## 3D mask-guided: BiFlowNet on MNI152 tissue label maps, judged by a 3D segmenter (CPU, ~9 min)
 	$(if $(wildcard $(AE3D_DEMO_CKPT)),,$(BIN)/medsynth fit $(AE3D_DEMO_CONFIG))
 	$(BIN)/medsynth predict --config configs/encode3d.yaml --ckpt_path $(AE3D_DEMO_CKPT) \
 	  --data medsynth.data.MNI152VolumeDataModule --data.tissue_labels true --data.num_workers 1 \
