@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def main() -> None:
         val, train = held_out(prep["latents"])
         for vname in args.variants + [s.split("=", 1)[0] for s in args.extra]:
             run_dir = work / vname
+            shutil.rmtree(run_dir, ignore_errors=True)  # each variant trains afresh (a run folder is never reused)
             fit_s = run([*MEDSYNTH, "fit", *variants[vname], "--data.manifest", prep["latents"] / "latents.json",
                          "--trainer.default_root_dir", run_dir], log)
             samples = run_dir / "samples"
