@@ -287,6 +287,8 @@ def test_demo_3d_seg_chain_with_tiny_nets(tmp_path):
                     str(tmp_path / "seg/checkpoints/last.ckpt"), "--window", "16", "--latents",
                     str(latents / "latents.json"), "--samples", str(out), "--out", str(table)], check=True)
     rows = json.loads(table.read_text())
-    assert set(rows) == {"real posterior.nii.gz", "real anterior.nii.gz", "sample posterior.nii.gz",
-                         "sample anterior.nii.gz"}
+    sources = {r["name"]: r["source"] for r in json.loads((latents / "latents.json").read_text())["records"]}
+    assert set(rows) == {f"real {sources['posterior']}", f"real {sources['anterior']}", "sample posterior.nii.gz",
+                         "sample anterior.nii.gz"}  # real volumes by path: a reconstruction may share a file name
     assert all(len(r["per_class"]) == 3 for r in rows.values())
+    assert {"fraction_of_real"} <= set(rows["sample anterior.nii.gz"])  # against its own real volume
