@@ -42,7 +42,7 @@ class Generation:
             seed: overrides ``sample_seed``.
             guidance_scale: overrides the module's classifier-free guidance weight.
             full_mask: ``(B, *spatial * factor)`` the masks at image resolution, for latent models with
-                ``mask_encoding: one_hot_blocks``.
+                ``mask_encoding: patch_embedding``.
         """
         given = mask if mask is not None else labels
         if given is not None:
@@ -57,8 +57,8 @@ class Generation:
             spatial = tuple(self.sample_shape) if self.sample_shape else (self.image_size, self.image_size)
         indices = list(range(n)) if indices is None else [int(i) for i in indices]
         generators = sample_generators(self.sample_seed if seed is None else seed, indices)
-        given = (("mask", mask), ("label", labels), ("full_mask", full_mask))
-        batch = {k: v.to(self.device) for k, v in given if v is not None}
+        inputs = (("mask", mask), ("label", labels), ("full_mask", full_mask))
+        batch = {k: v.to(self.device) for k, v in inputs if v is not None}
         cond, labels = self.condition(batch)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance(w)
