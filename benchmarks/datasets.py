@@ -26,6 +26,12 @@ Class-conditional (a JSON class map ``{"0": dir, ...}`` of folders with ``train/
 
 - ``planes3_t2``: the T2-like volume's axial / coronal / sagittal slices, the plane as the class.
 - ``contrast3``: coronal slices of three contrasts (T1, T2-like, PD-like), the contrast as the class.
+- ``levels4_pd``: axial PD-like slices, the level as the class: the brain's axial slices cut into four contiguous
+  bands, inferior to superior. Neighbouring bands share their border anatomy, so the judge's ceiling is below 1 and
+  a sample must show its level's anatomy (not a contrast or an orientation) to be counted.
+- ``levels3_t2``: coronal T2-like slices in three bands, posterior to anterior; fewer, larger classes.
+
+The first two are easy for a classifier (ceiling 1.0 at 32 px); the level sets are the harder test.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from medsynth.io import save_json, save_png
 
 SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd")
 VOLUME_DATASETS = ("axial4_t2_3d",)
-CLASS_DATASETS = ("planes3_t2", "contrast3")
+CLASS_DATASETS = ("planes3_t2", "contrast3", "levels4_pd", "levels3_t2")
 
 
 def tissue_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,6 +150,8 @@ def build_class(name: str, root: Path) -> dict:
         kinds = [(plane, vol, plane) for plane in ("axial", "coronal", "sagittal")]
     elif name == "contrast3":
         kinds = [(kind, contrast(kind, seed=4), "coronal") for kind in ("t1", "t2", "pd")]
+    elif name in ("levels4_pd", "levels3_t2"):
+        return _build_levels(name, root, labels)
     else:
         raise ValueError(f"unknown dataset {name}; choose from {CLASS_DATASETS}")
     classmap, counts = {}, {}
@@ -157,6 +165,24 @@ def build_class(name: str, root: Path) -> dict:
         counts[cname] = n
     save_json(root / "classmap.json", classmap)
     info = {"kind": "class", "num_classes": len(kinds), "counts": counts}
+    save_json(root / "dataset.json", info)
+    return info
+
+
+def _build_levels(name: str, root: Path, labels: np.ndarray) -> dict:
+    """A class-conditional dataset whose class is the slice's band along one axis (``levels4_pd``, ``levels3_t2``)."""
+    vol, plane, bands = (contrast("pd", seed=6), "axial", 4) if name == "levels4_pd" else \
+        (contrast("t2", seed=7), "coronal", 3)
+    slices = list(_slices(vol, labels, plane, min_brain=0.15))
+    names = [f"level{b + 1}" for b in range(bands)]  # level1: inferior (axial) or posterior (coronal)
+    counts = dict.fromkeys(names, 0)
+    for i, (k, img, _) in enumerate(slices):
+        cname = names[i * bands // len(slices)]
+        split = "test" if k % 4 == 0 else "val" if k % 8 == 2 else "train"  # a quarter tests: a steadier ceiling
+        save_png(root / cname / split / f"{cname}_{k:03d}.png", (np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+        counts[cname] += 1
+    save_json(root / "classmap.json", {str(c): cname for c, cname in enumerate(names)})
+    info = {"kind": "class", "num_classes": bands, "plane": plane, "counts": counts}
     save_json(root / "dataset.json", info)
     return info
 

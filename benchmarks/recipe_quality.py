@@ -5,10 +5,13 @@ trains the recipe through the real ``medsynth fit`` with checkpoints at the give
 ``medsynth predict``, and scores the samples with the project's own judges through ``medsynth test``: a segmenter
 (mask-guided recipes: mean foreground Dice) or a classifier (class-conditional recipes: accuracy), each trained on
 the dataset's real training images. Every score is divided by the judge's score on the real test images (the
-ceiling). Prints a table and writes JSON.
+ceiling). Mask generators (variants with ``mask2d.yaml``) are judged by ``medsynth.metrics.masks``: each sample's
+Dice with its nearest real training mask, over the same number for the real test masks; rows add coverage and
+copies. Prints a table and writes JSON.
 
     python benchmarks/recipe_quality.py --datasets coronal4 sagittal4_t2 --variants quick --steps 500 1000 2000
     python benchmarks/recipe_quality.py --datasets planes3_t2 --variants class_quick --steps 1000 2000
+    python benchmarks/recipe_quality.py --datasets sagittal4_t2 --variants mask_quick --steps 500 1000 2000
 
 Variants (``VARIANTS`` below) are config lists plus flags; add your own with ``--extra NAME=FLAGS``. Checkpoints
 are taken along one run (a point at step N of a longer cosine schedule has not yet decayed its learning rate, so
@@ -89,6 +92,17 @@ def judge(name: str, root: Path, info: dict, work: Path, image_size: int, steps:
     return ckpt, flags, float(json.loads(real.read_text())["scores"][key])
 
 
+def mask_judge(root: Path, info: dict, image_size: int) -> tuple[None, list, float]:
+    """The judge of mask generators (``medsynth.metrics.masks``): no checkpoint, its flags, and the ceiling (the
+    real test masks' fidelity to the training masks)."""
+    from medsynth.metrics.masks import mask_scores, read_masks
+
+    flags = ["--train", root / "masks" / "all" / "train", "--test", root / "masks" / "all" / "test",
+             "--num-classes", info["num_classes"], "--image-size", image_size]
+    train, test = (read_masks(root / "masks" / "all" / s, info["num_classes"], image_size) for s in ("train", "test"))
+    return None, flags, mask_scores(test, train, test, info["num_classes"])["fidelity_ceiling"]
+
+
 def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Path, judged: tuple,
                   image_size: int, judge_root: Path, no_fit: bool = False):
     """Train variant ``vname`` (``base``: its config and data flags) once up to the largest budget with a
@@ -112,17 +126,25 @@ def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Pat
         out = run_dir / f"samples_{steps}"
         pred_s = run(MEDSYNTH + ["predict", *base, "--ckpt_path", ckpt, "--output_dir", out, "--overwrite",
                                  "--trainer.enable_progress_bar", "false"], log)
-        run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data",
-                        "medsynth.data.SampleDirDataModule", "--data.samples_dir", out,
-                        "--data.overwrite", "true", "--trainer.default_root_dir", judge_root], log)
-        score = json.loads((out / "scores.json").read_text())["scores"][key]
+        extra = {}
+        if judge_ckpt is None:  # a mask generator: its samples against the real masks (medsynth.metrics.masks)
+            run([sys.executable, "-m", "medsynth.metrics.masks", out / "masks", *judge_flags, "--overwrite"], log)
+            scores = json.loads((out / "mask_scores.json").read_text())["scores"]
+            score = scores[key]
+            extra = {k: round(scores[k], 4) for k in ("coverage_fraction", "copies", "area_distance",
+                                                      "area_distance_real")}
+        else:
+            run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data",
+                            "medsynth.data.SampleDirDataModule", "--data.samples_dir", out,
+                            "--data.overwrite", "true", "--trainer.default_root_dir", judge_root], log)
+            score = json.loads((out / "scores.json").read_text())["scores"][key]
         reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
         print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
               f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s", flush=True)
         yield {"dataset": ds, "variant": vname, "flags": shlex.join(map(str, base)), "steps": steps,
                "steps_reached": reached, "image_size": image_size, "score": round(score, 4),
                "ceiling": round(ceiling, 4), "fraction": round(score / ceiling, 3),
-               "fit_seconds_total": None if no_fit else round(fit_s), "predict_seconds": round(pred_s)}
+               "fit_seconds_total": None if no_fit else round(fit_s), "predict_seconds": round(pred_s), **extra}
 
 
 def merge_row(results: list[dict], row: dict) -> list[dict]:
@@ -172,10 +194,19 @@ def main() -> None:
     for ds in args.datasets:
         root = data_root / ds
         info = build(ds, root)
-        judge_ckpt, judge_flags, ceiling = judge(ds, root, info, args.work, args.image_size, args.judge_steps)
-        print(f"[{ds}] judge ceiling {ceiling:.3f} ({'Dice' if info['kind'] == 'seg' else 'accuracy'})", flush=True)
-        key = "test/dice" if info["kind"] == "seg" else "test/accuracy"
+        masks = {n for n, v in variants.items() if any("mask2d" in str(a) for a in [*v["configs"], *v["flags"]])}
+        if masks and info["kind"] != "seg":
+            raise SystemExit(f"{ds}: the mask generators {sorted(masks)} need a dataset with masks")
+        if len(masks) < len(variants):
+            judged = judge(ds, root, info, args.work, args.image_size, args.judge_steps)
+            print(f"[{ds}] judge ceiling {judged[2]:.3f} ({'Dice' if info['kind'] == 'seg' else 'accuracy'})",
+                  flush=True)
+        if masks:
+            mask_judged = mask_judge(root, info, args.image_size)
+            print(f"[{ds}] mask judge: real test masks' fidelity {mask_judged[2]:.3f}", flush=True)
         for vname, v in variants.items():
+            judge_ckpt, judge_flags, ceiling = mask_judged if vname in masks else judged
+            key = "fidelity" if vname in masks else "test/dice" if info["kind"] == "seg" else "test/accuracy"
             cfg = [a for c in v["configs"] for a in ("--config", CONFIGS / c)]
             base = [*cfg, *v["flags"], *shlex.split(args.flags), *data_flags(ds, root, info, args.image_size)]
             for row in fit_and_score(ds, vname, base, budgets, args.work / "runs", (judge_ckpt, judge_flags, key, ceiling),
