@@ -53,10 +53,13 @@ def write_latents(folder: Path, n: int, side: int) -> Path:
         np.save(folder / "latents" / f"v{i}.npy", rng.normal(size=(8, side, side, side)).astype(np.float32))
         records.append({"latent": f"latents/v{i}.npy", "name": f"v{i}", "shape": [8, side, side, side],
                         "split": "train" if i else "val"})
-    (folder / "latents.json").write_text(json.dumps({
-        "kind": "medsynth latents", "version": 1, "scaling": {"method": "std", "shift": 0.0, "scale": 1.0},
-        "autoencoder": {"latent_channels": 8, "downsample_factor": 4}, "records": records}))
-    return folder / "latents.json"
+    from medsynth.data.latent_manifest import latent_manifest
+    from medsynth.io import save_json
+
+    # standard-normal latents: the identity scaling; no autoencoder file (nothing is decoded here)
+    scaling = {"method": "std", "shift": 0.0, "scale": 1.0, "min": -5.0, "max": 5.0}
+    return save_json(folder / "latents.json",
+                     latent_manifest(records, scaling, {"latent_channels": 8, "downsample_factor": 4}))
 
 
 def training(args) -> dict:
