@@ -32,6 +32,16 @@ Class-conditional (a JSON class map ``{"0": dir, ...}`` of folders with ``train/
 - ``levels3_t2``: coronal T2-like slices in three bands, posterior to anterior; fewer, larger classes.
 
 The first two are easy for a classifier (ceiling 1.0 at 32 px); the level sets are the harder test.
+
+Class-conditional volumes (a manifest of NIfTI ``{"image", "label", "split"}`` records; whole 64^3 volumes at 3 mm,
+the brain centred; 24 train / 4 val / 8 test per class). One template gives one brain, so each volume is the
+template through its own seeded torchio augmentation (affine, elastic, bias field, noise; never a flip, so that a
+user's class may be a side):
+
+- ``contrast3_3d``: T1 / T2-like / PD-like volumes, the contrast as the class (a global property).
+- ``lesion2_3d``: FLAIR-like volumes (dark CSF), without (class 0, ``none``) or with (class 1, ``lesion``) one
+  bright synthetic lesion (15-19.5 mm radius) at a random place in the white matter of either hemisphere: a local
+  structure under 1 % of the brain that the generator must draw, and only for its class.
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ from medsynth.io import save_json, save_png
 SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd")
 VOLUME_DATASETS = ("axial4_t2_3d",)
 CLASS_DATASETS = ("planes3_t2", "contrast3", "levels4_pd", "levels3_t2")
+CLASS_VOLUME_DATASETS = ("contrast3_3d", "lesion2_3d")
+CLASS_VOLUME_SPLITS = (("train", 24), ("val", 4), ("test", 8))
+"""Volumes per class in each split of the class-conditional volume datasets."""
 
 
 def tissue_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -78,8 +91,9 @@ def four_class_labels() -> np.ndarray:
 
 
 def contrast(kind: str, seed: int = 0) -> np.ndarray:
-    """A volume in [0, 1]: ``t1`` (the template), ``t2`` (CSF/other bright, GM mid, WM dark) or ``pd``; the
-    synthetic contrasts get a smooth multiplicative bias field and Gaussian noise."""
+    """A volume in [0, 1]: ``t1`` (the template), ``t2`` (CSF/other bright, GM mid, WM dark), ``pd`` or ``flair``
+    (CSF/other dark, GM mid, WM a little darker); the synthetic contrasts get a smooth multiplicative bias field
+    and Gaussian noise."""
     t1, brain, gm, wm = tissue_maps()
     if kind == "t1":
         hi = float(np.percentile(t1[brain], 99.5))
@@ -89,6 +103,8 @@ def contrast(kind: str, seed: int = 0) -> np.ndarray:
         img = 0.95 * other + 0.55 * gm + 0.30 * wm
     elif kind == "pd":
         img = 0.60 * other + 0.85 * gm + 0.65 * wm
+    elif kind == "flair":
+        img = 0.10 * other + 0.55 * gm + 0.42 * wm
     else:
         raise ValueError(kind)
     rng = np.random.default_rng(seed)
@@ -214,19 +230,110 @@ def build_volumes(name: str, root: Path) -> dict:
     return info
 
 
+def _on_cube(vol: np.ndarray, affine: np.ndarray, side: int, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``side``^3 window of ``vol`` centred on voxel ``center`` (zero outside the volume) and its affine."""
+    start = np.round(np.asarray(center) - side / 2).astype(int)
+    out = np.zeros((side,) * 3, np.float32)
+    src = tuple(slice(max(s, 0), min(s + side, n)) for s, n in zip(start, vol.shape))
+    dst = tuple(slice(w.start - s, w.stop - s) for w, s in zip(src, start))
+    out[dst] = vol[src]
+    aff = affine.copy()
+    aff[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    return out, aff
+
+
+def _lesion(wm: np.ndarray, x_mid: float, rng: np.random.Generator) -> np.ndarray:
+    """A soft ball (0..1) of radius 5-6.5 voxels centred in deep white matter of either hemisphere (at least 6
+    voxels from the midline, voxel index ``x_mid`` on the first axis)."""
+    x = np.arange(wm.shape[0])[:, None, None]
+    candidates = np.argwhere((wm > 0.9) & (np.abs(x - x_mid) > 6))
+    c = candidates[rng.integers(len(candidates))]
+    r = rng.uniform(5.0, 6.5)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in wm.shape], indexing="ij"))
+    dist = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0))
+    return (1.0 / (1.0 + np.exp((dist - r) / 0.5))).astype(np.float32)
+
+
+def build_class_volumes(name: str, root: Path, spacing_mm: float = 3.0, side: int = 64) -> dict:
+    """Write a class-conditional volume dataset ``name`` under ``root``: the volumes as
+    ``<class>/<class>_<split>_NNN.nii.gz`` and ``manifest.json`` (records with ``label`` and ``split``).
+
+    Each class's template volume is resampled to ``spacing_mm``, cut to a ``side``^3 cube around the brain, then each
+    volume draws its own augmentation (seeded by its index, so a rebuild is identical): a small affine (scales
+    0.92-1.08, rotations up to 8 degrees, shifts up to 6 mm), an elastic deformation (up to 6 mm), a smooth bias
+    field and noise, the background kept zero.
+    """
+    import torchio as tio
+
+    if name not in CLASS_VOLUME_DATASETS:
+        raise ValueError(f"unknown dataset {name}; choose from {CLASS_VOLUME_DATASETS}")
+    affine = np.asarray(nib.load(mni152_files()["t1"]).affine, dtype=np.float64)
+    factor = spacing_mm / float(abs(affine[0, 0]))
+    _, brain, _, wm = tissue_maps()
+    brain3, affine3 = downsample_volume(brain.astype(np.float32), affine, factor)
+    wm3, _ = downsample_volume(wm.astype(np.float32), affine, factor)
+    box = np.argwhere(brain3 > 0.5)
+    center = (box.min(0) + box.max(0) + 1) / 2
+    brain_cube, cube_affine = _on_cube(brain3, affine3, side, center)
+    wm_cube, _ = _on_cube(wm3, affine3, side, center)
+    x_mid = float(np.linalg.solve(cube_affine, [0.0, 0.0, 0.0, 1.0])[0])  # voxel index of the midline (world x = 0)
+    if name == "contrast3_3d":
+        classes = ["t1", "t2", "pd"]
+        templates = {c: _on_cube(downsample_volume(contrast(c, seed=7), affine, factor)[0], affine3, side, center)[0]
+                     for c in classes}
+    else:
+        classes = ["none", "lesion"]
+        flair = _on_cube(downsample_volume(contrast("flair", seed=8), affine, factor)[0], affine3, side, center)[0]
+        templates = {c: flair for c in classes}
+    augment = tio.Compose([
+        tio.RandomAffine(scales=0.08, degrees=8, translation=6, image_interpolation="linear"),
+        tio.RandomElasticDeformation(num_control_points=6, max_displacement=6),
+        tio.RandomBiasField(coefficients=0.05),  # a multiplicative field of roughly +-20 % (0.3 gave 3x)
+    ])
+    records, index = [], 0
+    for label, cname in enumerate(classes):
+        for split, n in CLASS_VOLUME_SPLITS:
+            for i in range(n):
+                index += 1
+                rng = np.random.default_rng(1000 * (label + 1) + index)
+                img = templates[cname].copy()
+                if cname == "lesion":  # a bright lesion in white matter, as white-matter lesions on FLAIR
+                    ball = _lesion(wm_cube, x_mid, rng)
+                    img = img * (1 - ball) + 1.0 * ball * (brain_cube > 0.5)
+                torch.manual_seed(1000 * (label + 1) + index)
+                subject = augment(tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(img)[None], affine=cube_affine),
+                                              brain=tio.LabelMap(tensor=torch.from_numpy(brain_cube > 0.5)[None].to(torch.uint8),
+                                                                 affine=cube_affine)))
+                x = subject["image"].data[0].numpy()
+                inside = subject["brain"].data[0].numpy() > 0
+                x = np.clip(x + rng.normal(0, 0.02, x.shape), 0, 1) * inside
+                rel = f"{cname}/{cname}_{split}_{i:03d}.nii.gz"  # names (file stems) are unique in a manifest
+                (root / cname).mkdir(parents=True, exist_ok=True)
+                nib.save(nib.Nifti1Image(x.astype(np.float32), cube_affine), root / rel)
+                records.append({"image": rel, "label": label, "split": split})
+    save_json(root / "manifest.json", records)
+    info = {"kind": "class_volumes", "num_classes": len(classes), "class_names": classes, "shape": [side] * 3,
+            "spacing_mm": spacing_mm, "splits": {s: n for s, n in CLASS_VOLUME_SPLITS}}
+    save_json(root / "dataset.json", info)
+    return info
+
+
 def build(name: str, root: Path) -> dict:
     """Build dataset ``name`` into ``root`` unless it is there; return its ``dataset.json``."""
     if (root / "dataset.json").is_file():
         return json.loads((root / "dataset.json").read_text())
     if name in VOLUME_DATASETS:
         return build_volumes(name, root)
+    if name in CLASS_VOLUME_DATASETS:
+        return build_class_volumes(name, root)
     return build_seg(name, root) if name in SEG_DATASETS else build_class(name, root)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--names", nargs="*", default=[*SEG_DATASETS, *CLASS_DATASETS, *VOLUME_DATASETS])
+    p.add_argument("--names", nargs="*", default=[*SEG_DATASETS, *CLASS_DATASETS, *VOLUME_DATASETS,
+                                                  *CLASS_VOLUME_DATASETS])
     args = p.parse_args()
     for name in args.names:
         print(name, build(name, args.out / name))

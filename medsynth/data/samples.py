@@ -1,11 +1,11 @@
 """Reading back a ``medsynth predict`` output folder, to score the samples against what they were conditioned on:
 their masks (mask faithfulness, judged by a segmenter) or their classes (class faithfulness, judged by a
-classifier)."""
+classifier; 2D ``.npy`` images or 3D NIfTI volumes)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -15,8 +15,13 @@ from torch.utils.data import Dataset
 from medsynth.data.base import MedsynthDataModule
 from medsynth.data.datamodules import check_intensity_range
 from medsynth.data.image2d import read_mask, resize_image, resize_mask
+from medsynth.data.volumes import NIFTI_SUFFIXES, Normalization, read_volume
 from medsynth.errors import DataError
-from medsynth.io import check_complete, read_json, read_npy, save_json
+from medsynth.io import check_complete, read_json, read_nifti, read_npy, save_json
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(int(v)) for v in shape)
 
 
 class _SamplePairs(Dataset):
@@ -33,9 +38,35 @@ class _SamplePairs(Dataset):
         return {"image": x, "mask": m, "name": sample.name, "index": index}
 
 
+def _is_volume(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
 def _sample_shape(path: Path) -> tuple[int, ...]:
-    """The stored shape of a sample ``.npy`` (read from its header only)."""
-    return tuple(read_npy(path, "sample", mmap=True).shape)
+    """The shape of a sample: ``(C, H, W)`` of an ``.npy`` (read from its header only) or ``(C, X, Y, Z)`` of a
+    NIfTI volume (one channel for a 3D file, the last axis of a 4D file)."""
+    if not _is_volume(path):
+        return tuple(read_npy(path, "sample", mmap=True).shape)
+    data, _ = read_nifti(path, "sample volume")
+    if data.ndim == 3:
+        return (1, *data.shape)
+    if data.ndim == 4:
+        return (data.shape[3], *data.shape[:3])
+    raise DataError(f"{path}: sample volume of {data.ndim} axes {data.shape}; expected a 3D (or 4D, channels last) volume")
+
+
+def sample_files(folder: Path) -> list[Path]:
+    """The samples in one folder of a ``medsynth predict`` output, sorted: ``.npy`` images (2D) or NIfTI volumes
+    (3D); sidecars, previews and hidden files left out.
+
+    Raises:
+        DataError: the folder holds both kinds (naming the folder).
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and (p.suffix.lower() == ".npy" or _is_volume(p)))
+    if len({_is_volume(p) for p in files}) > 1:
+        raise DataError(f"{folder}: holds both .npy images and NIfTI volumes; one kind of sample per folder")
+    return files
 
 
 def read_sample(path: Path) -> np.ndarray:
@@ -47,17 +78,29 @@ def read_sample(path: Path) -> np.ndarray:
 
 
 class _LabelledSamples(Dataset):
-    """Class-conditional samples: items ``image`` ``(C, S, S)``, ``label`` (their class), ``name``, ``index``."""
+    """Class-conditional samples: items ``image`` (2D: ``(C, S, S)``, resized; 3D: ``(C, X, Y, Z)`` as stored),
+    ``label`` (their class), ``name``, ``index``.
 
-    def __init__(self, items: list[tuple[Path, int]], image_size: int) -> None:
-        self.items, self.image_size = items, image_size
+    Args:
+        items: sample files and their labels.
+        image_size: side 2D samples are resized to.
+        channels: image channels.
+        normalization: how 3D volumes are scaled to [-1, 1] (the judge's training scaling); ``None`` for 2D.
+    """
+
+    def __init__(self, items: list[tuple[Path, int]], image_size: int, channels: int = 1,
+                 normalization: Optional[Normalization] = None) -> None:
+        self.items, self.image_size, self.channels, self.normalization = items, image_size, channels, normalization
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         sample, label = self.items[index]
-        x = resize_image(torch.from_numpy(read_sample(sample)), self.image_size)
+        if _is_volume(sample):  # written in the sources' units: scaled as the judge's real volumes were
+            x, _ = self.normalization.to_unit(read_volume(sample, self.channels)[0])
+        else:
+            x = resize_image(torch.from_numpy(read_sample(sample)), self.image_size)
         return {"image": x, "label": label, "name": f"{sample.parent.name}/{sample.name}", "index": index}
 
 
@@ -69,13 +112,18 @@ class SampleDirDataModule(MedsynthDataModule):
     * mask-guided samples (``samples/NAME.npy`` with ``masks/NAME.png``): batches hold ``image`` and ``mask``;
       ``medsynth test --config configs/segmenter2d.yaml --ckpt_path SEG.ckpt --data medsynth.data.SampleDirDataModule
       --data.samples_dir DIR`` reports the segmenter's Dice on them (mask faithfulness);
-    * class-conditional samples (``metadata.json`` names ``class_names``; samples in ``<class_name>/*.npy``):
-      batches hold ``image`` and ``label``; the same command with ``configs/classifier2d.yaml`` and a classifier
-      checkpoint reports its accuracy on them (class faithfulness). Classes without a folder are not scored.
+    * class-conditional samples (``metadata.json`` names ``class_names``; samples in ``<class_name>/*.npy``, or
+      3D volumes ``<class_name>/*.nii.gz`` as ``configs/biflownet3d.yaml`` generates them): batches hold ``image``
+      and ``label``; the same command with ``configs/classifier2d.yaml`` (3D: plus
+      ``configs/experiments/classifier3d.yaml``) and a classifier checkpoint reports its accuracy on them (class
+      faithfulness). Classes without a folder are not scored. Volumes are judged whole, scaled to [-1, 1] as the
+      judge's real training volumes were (``normalization``, ``percentiles``, ``ct_window``: taken from a 3D
+      judge's checkpoint); every volume must have the first one's shape and channels.
 
     Args:
         samples_dir: a ``medsynth predict`` output folder (``metadata.json`` and the samples).
-        image_size: side the samples (and masks) are resized to (the judge's training size; default: as stored).
+        image_size: side 2D samples (and masks) are resized to (the judge's training size; default: as stored).
+            Volumes are judged as stored.
         batch_size: samples per batch.
         overwrite: replace an existing ``scores.json`` (and report) in ``samples_dir``.
         features: local TorchScript feature network for FID/KID (e.g. Inception-v3 exported once; see
@@ -84,13 +132,18 @@ class SampleDirDataModule(MedsynthDataModule):
             holding ``train``/``val``/``test`` subfolders (e.g. ``IMGS``); needed with ``features``.
         intensity_range: stored ``(low, high)`` of the real images mapped to [-1, 1], as in training (taken from
             the judge's checkpoint; default: by dtype).
+        normalization: how 3D sample volumes are scaled to [-1, 1]: ``mri`` (per-volume percentile clip) or ``ct``
+            (fixed HU window), as :class:`~medsynth.data.VolumeDataModule` scaled the judge's training volumes
+            (taken from the judge's checkpoint; default ``mri``).
+        percentiles: lower and upper percentiles (0..100) of the nonzero voxels, for ``mri`` (the judge's).
+        ct_window: lower and upper intensities in HU, for ``ct`` (the judge's).
 
     The scores (``test/dice`` or ``test/accuracy``, and per class) are written to ``samples_dir/scores.json`` with
     the judge's checkpoint path; with the :class:`~medsynth.callbacks.SampleReport` callback (in the judge
     configs) also diversity, FID/KID, the real-image ceiling, ``report.md`` and bar charts.
     """
 
-    model_describing_args = ("image_size", "intensity_range")
+    model_describing_args = ("image_size", "intensity_range", "normalization", "percentiles", "ct_window")
     data_location_args = ()
 
     def __init__(
@@ -102,8 +155,14 @@ class SampleDirDataModule(MedsynthDataModule):
         features: Optional[Path] = None,
         real_dir: Optional[Path] = None,
         intensity_range: Optional[tuple[float, float]] = None,
+        normalization: Optional[Literal["mri", "ct"]] = None,
+        percentiles: Optional[tuple[float, float]] = None,
+        ct_window: Optional[tuple[float, float]] = None,
     ) -> None:
         super().__init__()
+        # None: the judge's (filled from its checkpoint by the CLI), else VolumeDataModule's defaults
+        self.normalization = Normalization(normalization or "mri", tuple(percentiles or (0.5, 99.5)),
+                                           tuple(ct_window or (-1000.0, 1000.0)))
         if samples_dir is None:
             raise DataError("data.samples_dir is not set: give a `medsynth predict` output folder")
         self.features = Path(features) if features is not None else None
@@ -141,6 +200,7 @@ class SampleDirDataModule(MedsynthDataModule):
             self.num_classes, self.class_names = 0, [str(n) for n in names]
             self.class_folders = self._class_folders(meta_path)
         # what the samples are: read from the first one, since a latent model's config describes its latents
+        self.volume_shape: Optional[tuple[int, ...]] = None  # (C, X, Y, Z) of 3D samples
         stored = self._first_sample_shape()
         self.channels = int(stored[0] if stored else data.get("channels") or model.get("image_channels") or 1)
         size = image_size or (stored[-1] if stored else None) or data.get("image_size") or model.get("image_size")
@@ -156,13 +216,18 @@ class SampleDirDataModule(MedsynthDataModule):
         self.num_workers = 0  # samples are small .npy files, read in this process
 
     def _first_sample_shape(self) -> Optional[tuple[int, ...]]:
-        """The ``(C, H, W)`` of the folder's first sample, or ``None`` when it has none (reported at setup)."""
+        """The ``(C, H, W)`` (or ``(C, X, Y, Z)``) of the folder's first sample, or ``None`` when it has none
+        (reported at setup)."""
         folders = [f for f, _ in self.class_folders] if self.class_names is not None else [self.samples_dir / "samples"]
-        first = next((f for folder in folders for f in sorted(folder.glob("*.npy"))), None)
+        first = next((f for folder in folders if folder.is_dir() for f in sample_files(folder)), None)
         if first is None:
             return None
         shape = _sample_shape(first)
-        if len(shape) != 3:
+        if _is_volume(first):
+            if self.class_names is None:
+                raise DataError(f"{first}: mask-guided volumes are scored by scripts/seg3d_dice.py, not `medsynth test`")
+            self.volume_shape = shape
+        elif len(shape) != 3:
             raise DataError(f"{first}: sample of shape {shape}; expected (C, H, W) images")
         return shape
 
@@ -175,7 +240,8 @@ class SampleDirDataModule(MedsynthDataModule):
                                 f"{self.class_names})")
             folders.append((folder, self.class_names.index(folder.name)))
         if not folders:
-            raise DataError(f"{self.samples_dir}: no class folders (expected {self.samples_dir}/<class_name>/*.npy)")
+            raise DataError(f"{self.samples_dir}: no class folders (expected {self.samples_dir}/<class_name>/*.npy "
+                            "or *.nii.gz)")
         return folders
 
     def model_args(self) -> dict:
@@ -209,14 +275,24 @@ class SampleDirDataModule(MedsynthDataModule):
     def _labelled(self) -> Dataset:
         items = []
         for folder, label in self.class_folders:
-            files = sorted(folder.glob("*.npy"))
+            files = sample_files(folder)
             if not files:
-                raise DataError(f"{folder}: no samples (*.npy) of class '{folder.name}'")
+                raise DataError(f"{folder}: no samples (*.npy or *.nii.gz) of class '{folder.name}'")
             for f in files:
-                shape = _sample_shape(f)
-                if len(shape) != 3 or shape[0] != self.channels:
-                    raise DataError(f"{f}: sample of shape {shape}; expected ({self.channels}, H, W)")
+                if self.volume_shape is None:
+                    shape = _sample_shape(f) if not _is_volume(f) else None
+                    if shape is None or len(shape) != 3 or shape[0] != self.channels:
+                        what = "a volume" if shape is None else f"of shape {shape}"
+                        raise DataError(f"{f}: sample {what}; expected ({self.channels}, H, W) images as the others")
+                else:  # read whole now (volumes are batched together): a bad file fails here, named
+                    shape = tuple(read_volume(f, self.channels)[0].shape) if _is_volume(f) else None
+                    if shape != self.volume_shape:
+                        what = "an .npy image" if shape is None else f"of shape {_shape(shape)}"
+                        raise DataError(f"{f}: sample volume {what}; expected {_shape(self.volume_shape)} "
+                                        "(channels, X, Y, Z) as the first sample")
                 items.append((f, label))
+        if self.volume_shape is not None:
+            return _LabelledSamples(items, self.image_size, self.channels, self.normalization)
         return _LabelledSamples(items, self.image_size)
 
     def _stamp(self) -> Optional[tuple[int, int]]:

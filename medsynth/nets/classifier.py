@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
 
 class SmallClassifier(nn.Module):
     """A small convolutional classifier: per level a 3x3 convolution and a stride-2 3x3 convolution (each with
-    GroupNorm and ReLU), then global average pooling and a linear layer.
+    GroupNorm and ReLU), then global average (or max) pooling and a linear layer.
 
     Small on purpose: it judges whether samples show their class, on images as small as 16 pixels, and trains in
     minutes on a CPU. 2D and 3D through ``spatial_dims``.
@@ -19,6 +21,9 @@ class SmallClassifier(nn.Module):
         spatial_dims: 2 or 3.
         channels: feature channels per level; each level halves every spatial side.
         dropout: dropout probability before the linear layer.
+        pooling: how the last features are pooled over space: ``mean`` (the whole image's appearance) or ``max``
+            (the strongest response anywhere: a small structure, such as a lesion, that a mean over the whole
+            volume dilutes).
     """
 
     def __init__(
@@ -28,10 +33,14 @@ class SmallClassifier(nn.Module):
         spatial_dims: int = 2,
         channels: tuple[int, ...] = (16, 32, 64),
         dropout: float = 0.0,
+        pooling: Literal["mean", "max"] = "mean",
     ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must name at least one level")
+        if pooling not in ("mean", "max"):
+            raise ValueError(f"pooling={pooling!r}: expected 'mean' or 'max'")
+        self.pooling = pooling
 
         def conv(cin: int, cout: int, stride: int) -> Convolution:
             return Convolution(spatial_dims, cin, cout, strides=stride, kernel_size=3, act="RELU",
@@ -47,7 +56,8 @@ class SmallClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``(B, num_classes)`` for images ``(B, in_channels, *spatial)``."""
         h = self.features(x)  # (B, channels[-1], *spatial / 2**levels)
-        return self.head(h.mean(dim=tuple(range(2, h.ndim))))
+        h = h.flatten(2)  # (B, channels[-1], positions)
+        return self.head(h.amax(dim=2) if self.pooling == "max" else h.mean(dim=2))
 
 
 def _groups(channels: int) -> int:
