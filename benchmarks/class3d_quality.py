@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import CLASS_VOLUME_DATASETS, build  # noqa: E402
-from recipe_quality import MEDSYNTH, ROOT, run  # noqa: E402
+from recipe_quality import MEDSYNTH, ROOT, run, score_samples  # noqa: E402
 from seg3d_quality import AE, ENCODE  # noqa: E402
 
 from medsynth.io import save_json  # noqa: E402
@@ -110,10 +110,7 @@ def as_class_samples(manifest: Path, recon: Path) -> None:
 
 def score(judge_flags: list, judge: Path, samples: Path, log: Path) -> dict:
     """The judge's scores on a class-conditional sample folder (``test/accuracy`` and per class)."""
-    run([*MEDSYNTH, "test", *judge_flags, "--ckpt_path", judge, "--data", "medsynth.data.SampleDirDataModule",
-         "--data.samples_dir", samples, "--data.overwrite", "true", "--trainer.default_root_dir", samples.parent / "judged"],
-        log)
-    return json.loads((samples / "scores.json").read_text())["scores"]
+    return score_samples(judge_flags, judge, samples, samples.parent / "judged", log)
 
 
 def main() -> None:

@@ -92,6 +92,14 @@ def judge(name: str, root: Path, info: dict, work: Path, image_size: int, steps:
     return ckpt, flags, float(json.loads(real.read_text())["scores"][key])
 
 
+def score_samples(judge_flags: list, judge_ckpt: Path, samples: Path, root: Path, log: Path) -> dict:
+    """The judge's scores on a ``medsynth predict`` folder, through ``medsynth test`` with
+    ``SampleDirDataModule`` (replacing earlier ones); ``root``: the judging run's folder."""
+    run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data", "medsynth.data.SampleDirDataModule",
+                    "--data.samples_dir", samples, "--data.overwrite", "true", "--trainer.default_root_dir", root], log)
+    return json.loads((samples / "scores.json").read_text())["scores"]
+
+
 def mask_judge(root: Path, info: dict, image_size: int) -> tuple[None, list, float]:
     """The judge of mask generators (``medsynth.metrics.masks``): no checkpoint, its flags, and the ceiling (the
     real test masks' fidelity to the training masks)."""
@@ -134,10 +142,7 @@ def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Pat
             extra = {k: round(scores[k], 4) for k in ("coverage_fraction", "copies", "area_distance",
                                                       "area_distance_real")}
         else:
-            run(MEDSYNTH + ["test", *judge_flags, "--ckpt_path", judge_ckpt, "--data",
-                            "medsynth.data.SampleDirDataModule", "--data.samples_dir", out,
-                            "--data.overwrite", "true", "--trainer.default_root_dir", judge_root], log)
-            score = json.loads((out / "scores.json").read_text())["scores"][key]
+            score = score_samples(judge_flags, judge_ckpt, out, judge_root, log)[key]
         reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
         print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
               f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s", flush=True)

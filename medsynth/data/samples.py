@@ -85,11 +85,12 @@ class _LabelledSamples(Dataset):
         items: sample files and their labels.
         image_size: side 2D samples are resized to.
         channels: image channels.
-        normalization: how 3D volumes are scaled to [-1, 1] (the judge's training scaling); ``None`` for 2D.
+        normalization: how 3D volumes are scaled to [-1, 1] (the judge's training scaling); 2D samples are
+            stored in [-1, 1] already.
     """
 
-    def __init__(self, items: list[tuple[Path, int]], image_size: int, channels: int = 1,
-                 normalization: Optional[Normalization] = None) -> None:
+    def __init__(self, items: list[tuple[Path, int]], image_size: int, channels: int,
+                 normalization: Normalization) -> None:
         self.items, self.image_size, self.channels, self.normalization = items, image_size, channels, normalization
 
     def __len__(self) -> int:
@@ -291,9 +292,7 @@ class SampleDirDataModule(MedsynthDataModule):
                         raise DataError(f"{f}: sample volume {what}; expected {_shape(self.volume_shape)} "
                                         "(channels, X, Y, Z) as the first sample")
                 items.append((f, label))
-        if self.volume_shape is not None:
-            return _LabelledSamples(items, self.image_size, self.channels, self.normalization)
-        return _LabelledSamples(items, self.image_size)
+        return _LabelledSamples(items, self.image_size, self.channels, self.normalization)
 
     def _stamp(self) -> Optional[tuple[int, int]]:
         st = self.scores_path.stat() if self.scores_path.is_file() else None
