@@ -71,3 +71,22 @@ def test_switching_the_data_class_after_a_recipe_keeps_a_printable_config(config
         main(["predict", "--config", str(ROOT / "configs" / config), "--data", data_class, "--print_config"])
     assert exc.value.code in (0, None)
     assert f"class_path: {data_class}" in capsys.readouterr().out
+
+
+def _ema_callbacks(extra: Path, capsys) -> list[dict]:
+    args = ["fit", "--config", str(ROOT / "configs" / "seg2d.yaml"),
+            "--config", str(ROOT / "configs" / "experiments" / "quick.yaml"), "--config", str(extra), "--print_config"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code in (0, None)
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert any(c["class_path"].endswith("RunCheckpoint") for c in callbacks)  # the run still keeps its checkpoints
+    return [c for c in callbacks if c["class_path"] == "medsynth.callbacks.EMA"]
+
+
+def test_benchmark_ema_variants_change_only_the_ema(capsys):
+    """benchmarks/configs/ (the EMA rows of docs/benchmarks.md) compose after seg2d + quick and do what they say."""
+    bench = ROOT / "benchmarks" / "configs"
+    assert _ema_callbacks(bench / "quick_no_ema.yaml", capsys) == []
+    (ema,) = _ema_callbacks(bench / "quick_ema_no_warmup.yaml", capsys)
+    assert ema["init_args"]["warmup"] is False and ema["init_args"]["decay"] == 0.999
