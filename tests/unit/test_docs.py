@@ -16,7 +16,7 @@ def test_links_and_config_paths_exist(page):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if not re.match(r"[a-z]+://", target) and not (page.parent / target).exists():
             missing.append(target)
-    for config in set(re.findall(r"\bconfigs/[\w/.-]+\.yaml\b", text)):
+    for config in set(re.findall(r"(?<![\w/.-])((?:benchmarks/)?configs/[\w/.-]+\.yaml)\b", text)):
         if not (ROOT / config).is_file():
             missing.append(config)
     assert not missing, f"{page.name} points at what does not exist: {missing}"
