@@ -73,9 +73,9 @@ def test_switching_the_data_class_after_a_recipe_keeps_a_printable_config(config
     assert f"class_path: {data_class}" in capsys.readouterr().out
 
 
-def _ema_callbacks(extra: Path, capsys) -> list[dict]:
-    args = ["fit", "--config", str(ROOT / "configs" / "seg2d.yaml"),
-            "--config", str(ROOT / "configs" / "experiments" / "quick.yaml"), "--config", str(extra), "--print_config"]
+def _ema_callbacks(extra: Path, capsys, bases=("seg2d.yaml", "experiments/quick.yaml")) -> list[dict]:
+    args = ["fit"] + [a for b in bases for a in ("--config", str(ROOT / "configs" / b))]
+    args += ["--config", str(extra), "--print_config"]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code in (0, None)
@@ -90,3 +90,8 @@ def test_benchmark_ema_variants_change_only_the_ema(capsys):
     assert _ema_callbacks(bench / "quick_no_ema.yaml", capsys) == []
     (ema,) = _ema_callbacks(bench / "quick_ema_no_warmup.yaml", capsys)
     assert ema["init_args"]["warmup"] is False and ema["init_args"]["decay"] == 0.999
+    assert _ema_callbacks(bench / "ldm2d_no_ema.yaml", capsys, ["ldm2d.yaml"]) == []
+    assert _ema_callbacks(bench / "biflownet3d_demo_no_ema.yaml", capsys,
+                          ["biflownet3d.yaml", "experiments/biflownet3d_demo.yaml"]) == []
+    # and the recipes they are measured against do average
+    assert len(_ema_callbacks(ROOT / "configs" / "ldm2d.yaml", capsys, ["ldm2d.yaml"])) == 1
