@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -120,7 +121,7 @@ def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Pat
     run_dir = runs / f"{vname}_{ds}_{image_size}"
     log = runs / f"{vname}_{ds}_{image_size}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    every = budgets[0] if all(b % budgets[0] == 0 for b in budgets) else 100
+    every = math.gcd(*budgets)  # a checkpoint at every budget
     fit_s = float("nan") if no_fit else run(MEDSYNTH + [
         "fit", *base, "--trainer.max_steps", budgets[-1], "--trainer.default_root_dir", run_dir,
         "--trainer.enable_progress_bar", "false",
