@@ -71,6 +71,7 @@ VARIANTS: dict[str, list[str]] = {
     # the recipe without EMA, and at half its batch (EMA and batch rows of docs/benchmarks_ldm2d.md)
     "recipe_no_ema": ["--config", str(ROOT / "benchmarks" / "configs" / "ldm2d_no_ema.yaml")],
     "recipe_batch8": ["--data.batch_size", "8"],
+    "recipe_half_width": ["--model.net.init_args.block_out_channels", "[32, 64, 128]"],
 }
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", 0]
 
