@@ -68,7 +68,7 @@ VARIANTS: dict[str, list[str]] = {
     # one change at a time: the pixel recipes' learning rate with epsilon, and rectified flow at ldm2d's old rate
     "epsilon_lr5e-4": [*EPSILON, "--model.lr", "5e-4", "--model.lr_warmup_steps", "200"],
     "flow_lr1e-4": [*FLOW, "--model.lr", "1e-4", "--model.lr_warmup_steps", "500"],
-    # the recipe without EMA, and at half its batch (EMA and batch rows of docs/benchmarks_ldm2d.md)
+    # the recipe without EMA, at half its batch and at half its width (docs/benchmarks_ldm2d.md, "EMA, batch and width")
     "recipe_no_ema": ["--config", str(ROOT / "benchmarks" / "configs" / "ldm2d_no_ema.yaml")],
     "recipe_batch8": ["--data.batch_size", "8"],
     "recipe_half_width": ["--model.net.init_args.block_out_channels", "[32, 64, 128]"],
