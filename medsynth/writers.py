@@ -207,7 +207,9 @@ class SampleWriter(BasePredictionWriter):
                 "checkpoint_sha256": self._sha,
                 "sampler": sampler.describe() if sampler is not None else None,
                 "seed": getattr(pl_module, "sample_seed", None),
-                "guidance_scale": getattr(pl_module, "guidance_scale", None),
+                "guidance_scale": (pl_module.guidance_weight() if hasattr(pl_module, "guidance_weight")
+                                   else getattr(pl_module, "guidance_scale", None)),
+                **({"guidance_setting": "auto"} if getattr(pl_module, "guidance_scale", None) == "auto" else {}),
                 **({"intensity": (getattr(pl_module, "latent_space", None) or {}).get("intensity")}
                    if self._units else {}),
                 "class_names": getattr(pl_module, "class_names", None),

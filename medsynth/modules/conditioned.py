@@ -65,4 +65,10 @@ class Conditioned:
         """The noised image with the mask channels ``cond`` (patch-embedded for ``patch_embedding``) appended."""
         if cond is not None and self.mask_embedding is not None:
             cond = self.mask_embedding(cond.to(self.mask_embedding.proj.weight.dtype))
-        return xt if cond is None else torch.cat([xt, cond.to(xt.dtype)], dim=1)
+        x = xt if cond is None else torch.cat([xt, cond.to(xt.dtype)], dim=1)
+        return x.contiguous(memory_format=channels_last_format(x.ndim)) if getattr(self, "channels_last", False) else x
+
+
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """The channels-last memory order for tensors of ``ndim`` dimensions (4: 2D images, 5: volumes)."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -18,7 +18,7 @@ from medsynth.errors import MedsynthError
 from medsynth.loading import read_init_weights
 from medsynth.modules.checks import check_training_shapes
 from medsynth.modules.codec import LatentCodec
-from medsynth.modules.conditioned import Conditioned
+from medsynth.modules.conditioned import Conditioned, channels_last_format
 from medsynth.modules.generation import Generation
 from medsynth.modules.optim import plain_callable, warmup_schedule
 from medsynth.nets.unet2d import UNet2D
@@ -50,8 +50,9 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
             condition with this probability, which lets sampling use classifier-free guidance (Ho & Salimans,
             2022). 0 disables.
         guidance_scale: classifier-free guidance weight at sampling: 1 samples the plain conditional model, larger
-            values follow the condition more strongly; needs ``label_drop_prob > 0`` in training. Like the sampler,
-            it is taken from the command line at predict time.
+            values follow the condition more strongly; needs ``label_drop_prob > 0`` in training. ``auto``: 2 for
+            a model that was trained so (mask- or class-conditional, ``label_drop_prob > 0``), else 1. Like the
+            sampler, it is taken from the command line at predict time.
         lr: peak learning rate.
         optimizer: optimiser class; its learning rate is ``lr``.
         lr_warmup_steps: linear warm-up steps before the cosine decay.
@@ -61,6 +62,9 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
             [-1, 1], decoded by argmax at predict; linked from the data).
         compile: compile the net with ``torch.compile`` (inside ``configure_model``, so state-dict keys and
             checkpoints are unchanged); pays off on GPUs for long runs.
+        channels_last: keep the net's weights and inputs in channels-last memory order (``channels_last`` for 2D,
+            ``channels_last_3d`` for 3D), which tensor-core convolutions prefer under bf16/fp16 on GPUs; numbers
+            and checkpoints are unchanged. Off by default: on CPUs it is usually slower.
         sample_shape: spatial shape of sampled images (2D/3D; latent voxels in latent space), e.g. ``[16, 16, 16]``
             (linked from the data; default ``image_size`` squared). Sizes the net cannot produce are refused before
             sampling starts.
@@ -92,7 +96,7 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         mask_ablation_prob: float = 0.0,
         class_names: Optional[list[str]] = None,
         label_drop_prob: float = 0.0,
-        guidance_scale: float = 1.0,
+        guidance_scale: Union[float, Literal["auto"]] = 1.0,
         lr: float = 1e-4,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_warmup_steps: int = 500,
@@ -100,6 +104,7 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         sample_seed: int = 0,
         output: Literal["image", "mask"] = "image",
         compile: bool = False,
+        channels_last: bool = False,
         sample_shape: Optional[list[int]] = None,
         latent_space: Optional[dict] = None,
         autoencoder: Optional[Path] = None,
@@ -120,6 +125,7 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         self.lr, self.optimizer = lr, plain_callable(optimizer)
         self.lr_warmup_steps, self.lr_schedule = lr_warmup_steps, lr_schedule
         self.sample_seed, self.compile_net, self.output = sample_seed, compile, output
+        self.channels_last = channels_last
         self.sample_shape = list(sample_shape) if sample_shape else None
         self.latent_space = dict(latent_space) if latent_space else None
         self.init_from = Path(init_from) if init_from is not None else None
@@ -139,6 +145,9 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         self.net = (net or UNet2D)(in_channels, image_channels, **extra)
 
     def configure_model(self) -> None:
+        if self.channels_last:  # before compiling, so the compiled graph sees the layout it will run with
+            volumetric = any(p.ndim == 5 for p in self.net.parameters())  # 3D convolutions' weights
+            self.net.to(memory_format=channels_last_format(5 if volumetric else 4))
         # Compile the net only: Dynamo cannot trace the LightningModule (self.log); nn.Module.compile keeps keys.
         if self.compile_net and not getattr(self, "_compiled", False):
             self.net.compile()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from medsynth.contracts import ChecksSpatialShape
-from medsynth.diffusion.conditioning import check_guidance, guided
+from medsynth.diffusion.conditioning import AUTO_GUIDANCE, check_guidance, guided
 from medsynth.diffusion.samplers import Sampler, initial_noise, sample_generators
 from medsynth.errors import MedsynthError
 
@@ -60,8 +60,7 @@ class Generation:
         inputs = (("mask", mask), ("label", labels), ("full_mask", full_mask))
         batch = {k: v.to(self.device) for k, v in inputs if v is not None}
         cond, labels = self.condition(batch)
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
-        check_guidance(w)
+        w = self.guidance_weight(guidance_scale)
         if w != 1.0 and cond is None and labels is None:
             raise MedsynthError(f"guidance_scale={w} needs a mask- or class-conditional model")
         if w != 1.0 and self.label_drop_prob == 0:
@@ -74,6 +73,21 @@ class Generation:
         sampler = sampler.with_settings(clip_sample=sampler.clip_sample and bounded, progress=self.progress(sampler))
         x = sampler.sample(denoise, noise, self.objective, generators)
         return x.clamp(-1, 1) if bounded else x
+
+    @property
+    def guidable(self) -> bool:
+        """Whether classifier-free guidance applies: a mask- or class-conditional model trained with condition drop
+        (``label_drop_prob > 0``), so it has learned the null condition."""
+        return bool((self.conditional or self.class_conditional) and self.label_drop_prob > 0)
+
+    def guidance_weight(self, guidance_scale=None) -> float:
+        """The guidance weight sampling uses: ``guidance_scale`` (default the module's); ``auto`` is
+        :data:`~medsynth.diffusion.conditioning.AUTO_GUIDANCE` for a :attr:`guidable` model and 1 otherwise."""
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance(w)
+        if w == "auto":
+            return AUTO_GUIDANCE if self.guidable else 1.0
+        return float(w)
 
     def bounded(self) -> bool:
         """Whether samples live in [-1, 1] and may be clipped there: pixels and min-max scaled latents do;

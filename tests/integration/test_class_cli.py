@@ -37,6 +37,13 @@ def test_class_conditional_fit_and_predict_writes_a_folder_per_class(tmp_path, c
                "--model.guidance_scale", -1) == 2
     assert "guidance_scale=-1.0 must be >= 0" in capsys.readouterr().err
     assert not bad.exists()
+    # auto: this model was trained with class dropout, so it is guided (the weight is recorded)
+    auto = tmp_path / "auto"
+    assert run("predict", *BASE, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", auto,
+               "--data.samples_per_class", 3, "--model.guidance_scale", "auto") == 0
+    meta = json.loads((auto / "metadata.json").read_text())
+    assert meta["guidance_scale"] == 2.0 and meta["guidance_setting"] == "auto"
+    assert np.array_equal(np.load(auto / "dark" / "sample_00001.npy"), np.load(out / "dark" / "sample_00001.npy"))
 
 
 def test_rectified_flow_with_euler_sampler(tmp_path, capsys):

@@ -228,6 +228,22 @@ def test_compiled_net_trains_and_keeps_checkpoint_keys(seg_dataset, tmp_path):
     assert "net.unet.conv_in.weight" in state
 
 
+def test_channels_last_fit_with_ema_then_predict(seg_dataset, tmp_path):
+    img_dir, seg_dir = seg_dataset
+    run_dir, out = tmp_path / "cl", tmp_path / "cl_out"
+    args = [*BASE, *data_args(img_dir, seg_dir), "--model.channels_last", "true"]
+    assert run("fit", *args, "--trainer.default_root_dir", run_dir) == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["hyper_parameters"]["channels_last"] is True
+    assert any("EMA" in key for key in ckpt["callbacks"])  # the recipe's EMA averaged the channels-last weights
+    weight = ckpt["state_dict"]["net.unet.conv_in.weight"]
+    assert torch.isfinite(weight).all()
+    assert run("predict", *args, "--ckpt_path", run_dir / "checkpoints" / "last.ckpt", "--output_dir", out) == 0
+    samples = sorted((out / "samples").glob("*.png"))
+    assert len(samples) == len(list((seg_dir / "all" / "test").iterdir()))
+    assert np.asarray(Image.open(samples[0])).std() > 0
+
+
 def test_multichannel_npy_images_keep_every_channel(tmp_path):
     from tests.conftest import make_seg_dataset
 

@@ -19,6 +19,9 @@ def test_links_and_config_paths_exist(page):
     for config in set(re.findall(r"(?<![\w/.-])((?:benchmarks/)?configs/[\w/.-]+\.yaml)\b", text)):
         if not (ROOT / config).is_file():
             missing.append(config)
+    for script in set(re.findall(r"(?<![\w/.-])((?:benchmarks|scripts)/[\w/.-]+\.(?:py|sh))\b", text)):
+        if not (ROOT / script).is_file():
+            missing.append(script)
     assert not missing, f"{page.name} points at what does not exist: {missing}"
 
 

@@ -88,3 +88,22 @@ def test_guidance_errors():
         m.sample(labels=torch.tensor([0]), guidance_scale=2.0)
     with pytest.raises(MedsynthError, match="class-conditional"):
         m.sample(indices=[0])
+
+
+def test_auto_guidance_guides_models_trained_for_it_and_leaves_the_rest_unguided():
+    from medsynth.diffusion.conditioning import AUTO_GUIDANCE
+
+    labels = torch.tensor([0, 2])
+    m = module(guidance_scale="auto")  # class-conditional, trained with label drop
+    assert m.guidable and m.guidance_weight() == AUTO_GUIDANCE > 1
+    assert torch.allclose(m.sample(labels=labels), m.sample(labels=labels, guidance_scale=AUTO_GUIDANCE))
+    assert not torch.allclose(m.sample(labels=labels), m.sample(labels=labels, guidance_scale=1.0), atol=1e-3)
+    assert module(guidance_scale="auto", class_names=None, num_classes=3).guidance_weight() == AUTO_GUIDANCE
+    # no null condition learned, or nothing to guide: auto samples the plain model instead of refusing
+    for m in (module(guidance_scale="auto", label_drop_prob=0.0),
+              module(guidance_scale="auto", class_names=None, label_drop_prob=0.1)):
+        assert not m.guidable and m.guidance_weight() == 1.0
+    plain = module(guidance_scale="auto", class_names=None)
+    assert plain.sample(indices=[0, 1]).shape == (2, 1, 8, 8)
+    with pytest.raises(MedsynthError, match="must be a number >= 0 or 'auto'"):
+        module(guidance_scale="strong")
