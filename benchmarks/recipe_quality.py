@@ -101,6 +101,36 @@ def score_samples(judge_flags: list, judge_ckpt: Path, samples: Path, root: Path
     return json.loads((samples / "scores.json").read_text())["scores"]
 
 
+def class_similarity(samples: Path, root: Path, image_size: int) -> dict:
+    """How alike a class-conditional model's samples are within each class, against the real test images: the
+    mean pairwise SSIM of each class's samples and of its real test images (``mean_pairwise_similarity``; lower is
+    more diverse), averaged over classes. A ratio above 1 means the samples vary less than real images of their
+    class do (what strong guidance trades for faithfulness)."""
+    from medsynth.data import ClassImageDataModule
+    from medsynth.data.image2d import read_image, to_unit_range
+    from medsynth.metrics.distribution import mean_pairwise_similarity
+
+    dm = ClassImageDataModule(manifest=root / "classmap.json", image_size=image_size, num_workers=0)
+    real = dm.dataset("test")
+    by_class: dict[int, list] = {}
+    for i in range(len(real)):
+        item = real[i]
+        by_class.setdefault(int(item["label"]), []).append(item["image"])
+    fake_sims, real_sims = [], []
+    for k, name in enumerate(dm.class_names):
+        files = sorted((samples / name).glob("sample_*.png"))
+        if len(files) < 2 or len(by_class.get(k, [])) < 2:
+            continue
+        fake = torch.stack([torch.from_numpy(to_unit_range(read_image(f, 1))) for f in files])
+        fake_sims.append(mean_pairwise_similarity(fake))
+        real_sims.append(mean_pairwise_similarity(torch.stack(by_class[k])))
+    if not fake_sims:
+        return {}
+    fake_mean, real_mean = sum(fake_sims) / len(fake_sims), sum(real_sims) / len(real_sims)
+    return {"similarity": round(fake_mean, 4), "similarity_real": round(real_mean, 4),
+            "similarity_ratio": round(fake_mean / real_mean, 3)}
+
+
 def mask_judge(root: Path, info: dict, image_size: int) -> tuple[None, list, float]:
     """The judge of mask generators (``medsynth.metrics.masks``): no checkpoint, its flags, and the ceiling (the
     real test masks' fidelity to the training masks)."""
@@ -144,9 +174,14 @@ def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Pat
                                                       "area_distance_real")}
         else:
             score = score_samples(judge_flags, judge_ckpt, out, judge_root, log)[key]
+            if (out / "metadata.json").is_file() and json.loads((out / "metadata.json").read_text()).get("class_names"):
+                extra = class_similarity(out, Path(judge_flags[judge_flags.index("--data.manifest") + 1]).parent,
+                                         image_size)
         reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
         print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
-              f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s", flush=True)
+              f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s"
+              + (f"  similarity {extra['similarity_ratio']:.2f} of real" if "similarity_ratio" in extra else ""),
+              flush=True)
         yield {"dataset": ds, "variant": vname, "flags": shlex.join(map(str, base)), "steps": steps,
                "steps_reached": reached, "image_size": image_size, "score": round(score, 4),
                "ceiling": round(ceiling, 4), "fraction": round(score / ceiling, 3),

@@ -26,3 +26,39 @@ def test_seg2d_quick_follows_held_out_masks(tmp_path):
     assert row["steps_reached"] == 500
     assert row["ceiling"] > 0.4  # the judge itself learned the tissues
     assert row["fraction"] >= 0.8, row
+
+
+def test_class_similarity_tells_copies_from_samples_as_varied_as_real_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recipe_quality import class_similarity
+
+    rng = np.random.default_rng(0)
+
+    base = np.add.outer(np.arange(16), np.arange(16)) * 7.0  # one image every class shares, plus noise
+
+    def noise(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(base + rng.normal(0, 20, (16, 16)), 0, 255).astype(np.uint8)).save(path)
+
+    names = ["a", "b"]
+    for name in names:
+        for split in ("train", "val", "test"):
+            for i in range(6):
+                noise(tmp_path / "data" / name / split / f"{name}_{split}_{i}.png")
+    (tmp_path / "data" / "classmap.json").write_text(json.dumps({str(k): n for k, n in enumerate(names)}))
+    varied, copies = tmp_path / "varied", tmp_path / "copies"
+    for name in names:
+        for i in range(6):
+            noise(varied / name / f"sample_{i:05d}.png")
+        noise(copies / name / "sample_00000.png")
+        for i in range(1, 6):
+            (copies / name / f"sample_{i:05d}.png").write_bytes((copies / name / "sample_00000.png").read_bytes())
+    like_real = class_similarity(varied, tmp_path / "data", 16)
+    assert 0.2 < like_real["similarity_real"] < 0.9
+    assert like_real["similarity_ratio"] == pytest.approx(1.0, abs=0.15)
+    same = class_similarity(copies, tmp_path / "data", 16)
+    assert same["similarity"] == pytest.approx(1.0, abs=1e-3)
+    assert same["similarity_ratio"] > 2 * like_real["similarity_ratio"]
