@@ -116,7 +116,7 @@ def run_plain(args, variant: Variant) -> float:
     torch.manual_seed(0)
     device = device_of(args)
     module = make_module(args, variant).to(device)  # the same net, objective and conditioning code
-    module.configure_model()  # channels-last weights and torch.compile, as a hand-written loop would do them
+    module.prepare_net()  # channels-last weights and torch.compile, as a hand-written loop would do them
     net = module.net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.999))

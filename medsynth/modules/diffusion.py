@@ -60,8 +60,8 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         sample_seed: seed of sampling noise; a sample depends only on it and its index.
         output: what the generated channels are: ``image``, or ``mask`` for a mask generator (one-hot channels in
             [-1, 1], decoded by argmax at predict; linked from the data).
-        compile: compile the net with ``torch.compile`` (inside ``configure_model``, so state-dict keys and
-            checkpoints are unchanged); pays off on GPUs for long runs.
+        compile: compile the net with ``torch.compile`` (in ``setup``, with ``nn.Module.compile``, so state-dict
+            keys and checkpoints are unchanged); pays off on GPUs for long runs.
         channels_last: keep the net's weights and inputs in channels-last memory order (``channels_last`` for 2D,
             ``channels_last_3d`` for 3D), which tensor-core convolutions prefer under bf16/fp16 on GPUs; numbers
             and checkpoints are unchanged. Off by default: on CPUs it is usually slower.
@@ -144,7 +144,17 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         extra = {"num_class_embeds": self.num_labels + 1} if self.class_conditional else {}
         self.net = (net or UNet2D)(in_channels, image_channels, **extra)
 
-    def configure_model(self) -> None:
+    # ----------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        # Runs before a resumed checkpoint is restored, so --ckpt_path still wins over init_from.
+        if stage == "fit" and self.init_from is not None:
+            self.load_state_dict(read_init_weights(self.init_from, self))
+        self.prepare_net()
+
+    def prepare_net(self) -> None:
+        """Channels-last weights and ``torch.compile`` when asked for (idempotent). Done in ``setup``, not in
+        ``configure_model``: Lightning's weight averaging warns about sharding for any module that overrides the
+        latter. Loading a checkpoint afterwards keeps the memory order (tensors are copied into place)."""
         if self.channels_last:  # before compiling, so the compiled graph sees the layout it will run with
             volumetric = any(p.ndim == 5 for p in self.net.parameters())  # 3D convolutions' weights
             self.net.to(memory_format=channels_last_format(5 if volumetric else 4))
@@ -152,12 +162,6 @@ class DiffusionModule(Generation, Conditioned, L.LightningModule):
         if self.compile_net and not getattr(self, "_compiled", False):
             self.net.compile()
             self._compiled = True
-
-    # ----------------------------------------------------------------- training
-    def setup(self, stage: str) -> None:
-        # Runs before a resumed checkpoint is restored, so --ckpt_path still wins over init_from.
-        if stage == "fit" and self.init_from is not None:
-            self.load_state_dict(read_init_weights(self.init_from, self))
 
     def on_fit_start(self) -> None:
         # seed_everything gives every DDP rank the same seed, so every rank would draw the same noise, timesteps

@@ -17,12 +17,12 @@ BIFLOW = partial(BiFlowNet3D, channels=(8, 16), norm_num_groups=4, dit_patch=4, 
 
 
 def pair(**kw):
-    """The same module twice (same weights), the second with ``channels_last`` and its ``configure_model`` run."""
+    """The same module twice (same weights), the second with ``channels_last`` and its ``prepare_net`` run."""
     torch.manual_seed(0)
     plain = DiffusionModule(**kw).eval()
     torch.manual_seed(0)
     fast = DiffusionModule(channels_last=True, **kw).eval()
-    fast.configure_model()
+    fast.prepare_net()
     for p in fast.net.parameters():  # small random weights everywhere, so zero-initialised outputs say something
         p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     plain.net.load_state_dict(fast.net.state_dict())
