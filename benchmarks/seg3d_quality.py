@@ -38,7 +38,7 @@ VARIANTS: dict[str, list] = {
     # what `make demo-3d-seg` trains
     "demo": ["--config", CONFIGS / "biflownet3d_seg.yaml", "--config", CONFIGS / "experiments/biflownet3d_seg_demo.yaml"],
 }
-GUIDANCE = 3.0  # what `make demo-3d-seg` samples with
+GUIDANCE = [3.0]  # what `make demo-3d-seg` samples with
 
 
 def data_flags(name: str, root: Path) -> list:
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--ae", type=Path, help="an autoencoder checkpoint for the demo dataset (skips training one)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "seg3d_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "seg3d_quality.json")
+    p.add_argument("--guidance", type=float, nargs="+", default=GUIDANCE,
+                   help="classifier-free guidance weights: each variant is trained once and sampled at each")
     args = p.parse_args()
     variants = dict(VARIANTS)
     for spec in args.extra:
@@ -115,29 +117,42 @@ def main() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)  # each variant trains afresh (a run folder is never reused)
             fit_s = run([*MEDSYNTH, "fit", *variants[vname], "--data.manifest", prep["latents"] / "latents.json",
                          "--trainer.default_root_dir", run_dir], log)
-            samples = run_dir / "samples"
-            predict_s = run([*MEDSYNTH, "predict", *variants[vname], "--ckpt_path", run_dir / "checkpoints/last.ckpt",
-                             "--data.predict_masks", prep["latents"] / "masks", "--model.guidance_scale", GUIDANCE,
-                             "--output_dir", samples, "--overwrite"], log)
-            table = score(prep["judge"], prep["latents"], samples, prep["recon"], log)
-            real = {Path(k.split(" ", 1)[1]).name.split(".")[0]: v["mean"] for k, v in table.items()
-                    if k.startswith("real ") and str(prep["recon"]) not in k}
-            recon = {Path(k.split(" ", 1)[1]).name.split(".")[0]: v["mean"] for k, v in table.items()
-                     if k.startswith("real ") and str(prep["recon"]) in k}
-            sample = {k.split(" ", 1)[1].split(".")[0]: v["mean"] for k, v in table.items() if k.startswith("sample ")}
-            row = {"dataset": ds, "variant": vname, "fit_s": round(fit_s), "predict_s": round(predict_s),
-                   "ceiling": real[val], "reconstruction_dice": recon[val], "sample_dice": sample[val],
-                   "fraction": sample[val] / real[val], "fraction_of_reconstruction": sample[val] / recon[val],
-                   "train_half_fraction": sample[train] / real[train], "table": table, "prepare_s": prep["times"]}
-            results = [r for r in results if (r["dataset"], r["variant"]) != (ds, vname)] + [row]
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"{'dataset':14s} {'variant':12s} {'fit s':>6s} {'ceiling':>8s} {'recon':>7s} {'samples':>8s} "
-          f"{'fraction':>9s} {'of recon':>9s} {'(train half)':>13s}")
+            for guidance in args.guidance:
+                results = sample_and_score(ds, vname, variants[vname], guidance, fit_s, run_dir, prep, val, train,
+                                           log, results)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"{'dataset':14s} {'variant':12s} {'guidance':>8s} {'fit s':>6s} {'ceiling':>8s} {'recon':>7s} "
+          f"{'samples':>8s} {'fraction':>9s} {'of recon':>9s} {'(train half)':>13s}")
     for r in results:
-        print(f"{r['dataset']:14s} {r['variant']:12s} {r['fit_s']:6d} {r['ceiling']:8.3f} "
-              f"{r.get('reconstruction_dice', float('nan')):7.3f} {r['sample_dice']:8.3f} {r['fraction']:9.2f} "
-              f"{r.get('fraction_of_reconstruction', float('nan')):9.2f} {r['train_half_fraction']:13.2f}")
+        print(f"{r['dataset']:14s} {r['variant']:12s} {r.get('guidance', 3.0):8.1f} {r['fit_s']:6d} "
+              f"{r['ceiling']:8.3f} {r.get('reconstruction_dice', float('nan')):7.3f} {r['sample_dice']:8.3f} "
+              f"{r['fraction']:9.2f} {r.get('fraction_of_reconstruction', float('nan')):9.2f} "
+              f"{r['train_half_fraction']:13.2f}")
+    print(f"wrote {args.out}")
+
+
+def sample_and_score(ds: str, vname: str, flags: list, guidance: float, fit_s: float, run_dir: Path, prep: dict,
+                     val: str, train: str, log: Path, results: list) -> list:
+    """Sample both halves' label maps at one guidance weight, score them, and return ``results`` with the row
+    (replacing an earlier row of the same dataset, variant and weight)."""
+    samples = run_dir / f"samples_g{guidance:g}"
+    predict_s = run([*MEDSYNTH, "predict", *flags, "--ckpt_path", run_dir / "checkpoints/last.ckpt",
+                     "--data.predict_masks", prep["latents"] / "masks", "--model.guidance_scale", guidance,
+                     "--output_dir", samples, "--overwrite"], log)
+    table = score(prep["judge"], prep["latents"], samples, prep["recon"], log)
+    real = {Path(k.split(" ", 1)[1]).name.split(".")[0]: v["mean"] for k, v in table.items()
+            if k.startswith("real ") and str(prep["recon"]) not in k}
+    recon = {Path(k.split(" ", 1)[1]).name.split(".")[0]: v["mean"] for k, v in table.items()
+             if k.startswith("real ") and str(prep["recon"]) in k}
+    sample = {k.split(" ", 1)[1].split(".")[0]: v["mean"] for k, v in table.items() if k.startswith("sample ")}
+    row = {"dataset": ds, "variant": vname, "guidance": guidance, "fit_s": round(fit_s),
+           "predict_s": round(predict_s), "ceiling": real[val], "reconstruction_dice": recon[val],
+           "sample_dice": sample[val], "fraction": sample[val] / real[val],
+           "fraction_of_reconstruction": sample[val] / recon[val], "train_half_fraction": sample[train] / real[train],
+           "table": table, "prepare_s": prep["times"]}
+    key = (ds, vname, guidance)
+    return [r for r in results if (r["dataset"], r["variant"], r.get("guidance", 3.0)) != key] + [row]
 
 
 if __name__ == "__main__":
