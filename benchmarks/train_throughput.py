@@ -207,6 +207,8 @@ def main() -> None:
     variants = [Variant.parse(v, args.precision) for v in (SPEEDUPS if args.speedups else args.variants)]
     runs: dict[Variant, list[float]] = {v: [] for v in variants}
     memory: dict[Variant, float] = {}
+    flops, peak = step_flops(args), peak_tflops(args)
+    result: dict = {}
     for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
         for v in variants:
             if device_of(args).type == "cuda":
@@ -215,34 +217,13 @@ def main() -> None:
             runs[v].append((run_lightning if v.loop == "fit" else run_plain)(args, v))
             if device_of(args).type == "cuda":
                 memory[v] = max(memory.get(v, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-    flops, peak = step_flops(args), peak_tflops(args)
-    rows = []
-    for v in variants:
-        ips = statistics.median(runs[v])
-        achieved = flops * ips / args.batch_size / 1e12  # TFLOP/s
-        rows.append({
-            "variant": str(v), "images_per_s": round(ips, 3), "runs": [round(x, 3) for x in runs[v]],
-            "speedup": round(ips / statistics.median(runs[variants[0]]), 3), "tflops": round(achieved, 2),
-            "mfu": round(achieved / peak, 4) if peak else None,
-            "peak_memory_gib": round(memory[v], 2) if v in memory else None,
-        })
-    by_name = {r["variant"]: r["images_per_s"] for r in rows}
-    fit, plain = by_name.get(f"fit-{args.precision}"), by_name.get(f"plain-{args.precision}")
-    result = {
-        "device": args.device, "device_name": torch.cuda.get_device_name() if device_of(args).type == "cuda"
-        else platform.processor(), "torch": torch.__version__, "lightning": L.__version__,
-        "threads": torch.get_num_threads(), "image_size": args.image_size, "batch_size": args.batch_size,
-        "net": "reference" if args.reference else "demo",
-        "params_M": round(sum(q.numel() for q in make_module(args).net.parameters()) / 1e6, 2),
-        "gflop_per_step": round(flops / 1e9, 2), "peak_bf16_tflops": peak, "warmup": args.warmup,
-        "steps": args.steps, "repeats": args.repeats, "rows": rows,
-        "ratio": round(fit / plain, 3) if fit and plain else None,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-    }
+            # written after every run, so a run stopped by a time cap keeps what it measured
+            result = summarise(args, variants, runs, memory, flops, peak)
+            write(args.out, result)
     if not args.skip_ddim:
         result["ddim50_s_per_image"] = round(ddim_seconds_per_image(args), 4)
     print(f"{'variant':40s} {'img/s':>8s} {'speedup':>8s} {'TFLOP/s':>8s} {'MFU':>7s} {'GiB':>6s}")
-    for r in rows:
+    for r in result["rows"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(f"{r['variant']:40s} {r['images_per_s']:8.2f} {r['speedup']:8.2f} {r['tflops']:8.2f} {mfu:>7s} {mem:>6s}")
@@ -251,10 +232,42 @@ def main() -> None:
             print(f"{k:40s} {result[k]:>8}")
     print(f"(median of {args.repeats}; {args.image_size}^2, batch {args.batch_size}, {args.device}"
           f"{', MFU of ' + str(peak) + ' TFLOP/s bf16' if peak else ', no peak known: MFU needs --peak-tflops'})")
-    out = Path(args.out)
+    write(args.out, result)
+    print(f"wrote {args.out}")
+
+
+def summarise(args, variants: list[Variant], runs: dict, memory: dict, flops: int, peak: float | None) -> dict:
+    """The result so far: one row per variant measured at least once (medians of its runs)."""
+    rows = []
+    measured = [v for v in variants if runs[v]]
+    for v in measured:
+        ips = statistics.median(runs[v])
+        achieved = flops * ips / args.batch_size / 1e12  # TFLOP/s
+        rows.append({
+            "variant": str(v), "images_per_s": round(ips, 3), "runs": [round(x, 3) for x in runs[v]],
+            "speedup": round(ips / statistics.median(runs[measured[0]]), 3), "tflops": round(achieved, 2),
+            "mfu": round(achieved / peak, 4) if peak else None,
+            "peak_memory_gib": round(memory[v], 2) if v in memory else None,
+        })
+    by_name = {r["variant"]: r["images_per_s"] for r in rows}
+    fit, plain = by_name.get(f"fit-{args.precision}"), by_name.get(f"plain-{args.precision}")
+    return {
+        "device": args.device, "device_name": torch.cuda.get_device_name() if device_of(args).type == "cuda"
+        else platform.processor(), "torch": torch.__version__, "lightning": L.__version__,
+        "threads": torch.get_num_threads(), "image_size": args.image_size, "batch_size": args.batch_size,
+        "net": "reference" if args.reference else "demo",
+        "params_M": round(sum(q.numel() for q in make_module(args).net.parameters()) / 1e6, 2),
+        "gflop_per_step": round(flops / 1e9, 2), "peak_bf16_tflops": peak, "warmup": args.warmup,
+        "steps": args.steps, "repeats_done": min(len(runs[v]) for v in variants), "rows": rows,
+        "ratio": round(fit / plain, 3) if fit and plain else None,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def write(path: str, result: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

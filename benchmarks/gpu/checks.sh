@@ -68,12 +68,12 @@ for p in "${@:-throughput memory}"; do
     for name in $p; do
         case $name in
             throughput)
-                part throughput "${CAP_THROUGHPUT:-300}" "$PY" benchmarks/train_throughput.py --device "$DEVICE" \
+                part throughput "${CAP_THROUGHPUT:-240}" "$PY" benchmarks/train_throughput.py --device "$DEVICE" \
                     "${tp[@]}" --out "$OUT/throughput.json" ;;
             memory)
-                part ae_memory "${CAP_MEMORY:-120}" "$PY" benchmarks/ae_memory.py --device "$DEVICE" "${ae[@]}" \
+                part ae_memory "${CAP_MEMORY:-100}" "$PY" benchmarks/ae_memory.py --device "$DEVICE" "${ae[@]}" \
                     --out "$OUT/ae_memory.json"
-                part latent3d "${CAP_MEMORY:-120}" "$PY" benchmarks/latent3d.py --device "$DEVICE" "${l3[@]}" \
+                part latent3d "${CAP_MEMORY:-100}" "$PY" benchmarks/latent3d.py --device "$DEVICE" "${l3[@]}" \
                     --out "$OUT/latent3d.json" ;;
             quality)
                 part quality "${CAP_QUALITY:-330}" "$PY" benchmarks/recipe_quality.py --datasets sagittal4_t2 \
