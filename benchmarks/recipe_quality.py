@@ -143,10 +143,11 @@ def mask_judge(root: Path, info: dict, image_size: int) -> tuple[None, list, flo
 
 
 def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Path, judged: tuple,
-                  image_size: int, judge_root: Path, no_fit: bool = False):
+                  image_size: int, judge_root: Path, no_fit: bool = False, class_root: Path | None = None):
     """Train variant ``vname`` (``base``: its config and data flags) once up to the largest budget with a
     checkpoint at each, then sample each budget with ``medsynth predict`` and score it with the judge
-    (``judged``: checkpoint, config flags, score key, ceiling); yields one result row per budget."""
+    (``judged``: checkpoint, config flags, score key, ceiling); yields one result row per budget. For a
+    class-conditional dataset (``class_root``: its folder) rows add the samples' within-class similarity."""
     judge_ckpt, judge_flags, key, ceiling = judged
     run_dir = runs / f"{vname}_{ds}_{image_size}"
     log = runs / f"{vname}_{ds}_{image_size}.log"
@@ -174,9 +175,8 @@ def fit_and_score(ds: str, vname: str, base: list, budgets: list[int], runs: Pat
                                                       "area_distance_real")}
         else:
             score = score_samples(judge_flags, judge_ckpt, out, judge_root, log)[key]
-            if (out / "metadata.json").is_file() and json.loads((out / "metadata.json").read_text()).get("class_names"):
-                extra = class_similarity(out, Path(judge_flags[judge_flags.index("--data.manifest") + 1]).parent,
-                                         image_size)
+            if class_root is not None:
+                extra = class_similarity(out, class_root, image_size)
         reached = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
         print(f"[{ds}] {vname:24s} steps {steps:6d} ({reached}) score {score:.3f} fraction "
               f"{score / ceiling:.3f}  fit {fit_s:5.0f}s predict {pred_s:4.0f}s"
@@ -251,7 +251,8 @@ def main() -> None:
             cfg = [a for c in v["configs"] for a in ("--config", CONFIGS / c)]
             base = [*cfg, *v["flags"], *shlex.split(args.flags), *data_flags(ds, root, info, args.image_size)]
             for row in fit_and_score(ds, vname, base, budgets, args.work / "runs", (judge_ckpt, judge_flags, key, ceiling),
-                                     args.image_size, args.work / "judges", args.no_fit):
+                                     args.image_size, args.work / "judges", args.no_fit,
+                                     root if info["kind"] == "class" else None):
                 results = merge_row(results, row)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=2) + "\n")

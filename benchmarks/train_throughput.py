@@ -208,6 +208,7 @@ def main() -> None:
     runs: dict[Variant, list[float]] = {v: [] for v in variants}
     memory: dict[Variant, float] = {}
     flops, peak = step_flops(args), peak_tflops(args)
+    params = sum(q.numel() for q in make_module(args).net.parameters())
     result: dict = {}
     for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
         for v in variants:
@@ -218,7 +219,7 @@ def main() -> None:
             if device_of(args).type == "cuda":
                 memory[v] = max(memory.get(v, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             # written after every run, so a run stopped by a time cap keeps what it measured
-            result = summarise(args, variants, runs, memory, flops, peak)
+            result = summarise(args, variants, runs, memory, flops, peak, params)
             write(args.out, result)
     if not args.skip_ddim:
         result["ddim50_s_per_image"] = round(ddim_seconds_per_image(args), 4)
@@ -236,7 +237,8 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def summarise(args, variants: list[Variant], runs: dict, memory: dict, flops: int, peak: float | None) -> dict:
+def summarise(args, variants: list[Variant], runs: dict, memory: dict, flops: int, peak: float | None,
+              params: int) -> dict:
     """The result so far: one row per variant measured at least once (medians of its runs)."""
     rows = []
     measured = [v for v in variants if runs[v]]
@@ -256,7 +258,7 @@ def summarise(args, variants: list[Variant], runs: dict, memory: dict, flops: in
         else platform.processor(), "torch": torch.__version__, "lightning": L.__version__,
         "threads": torch.get_num_threads(), "image_size": args.image_size, "batch_size": args.batch_size,
         "net": "reference" if args.reference else "demo",
-        "params_M": round(sum(q.numel() for q in make_module(args).net.parameters()) / 1e6, 2),
+        "params_M": round(params / 1e6, 2),
         "gflop_per_step": round(flops / 1e9, 2), "peak_bf16_tflops": peak, "warmup": args.warmup,
         "steps": args.steps, "repeats_done": min(len(runs[v]) for v in variants), "rows": rows,
         "ratio": round(fit / plain, 3) if fit and plain else None,
