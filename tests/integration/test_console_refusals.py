@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -70,16 +71,33 @@ CASES = [data_case(png_decompression_bomb), data_case(npy_unterminated_header), 
          predict_without_checkpoint, second_fit_into_a_run]
 
 
+def listing(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """Every case run once, two commands at a time (each one mostly waits on its own imports), each in its own
+    folder: name -> (folder, culprit, the folder's listing before the command, the command's result)."""
+    prepared = {}
+    for case in CASES:
+        root = tmp_path_factory.mktemp(case.__name__)
+        args, culprit = case(root)
+        prepared[case.__name__] = (root, args, culprit, listing(root))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = {name: pool.submit(medsynth, *args, cwd=root) for name, (root, args, _, _) in prepared.items()}
+    return {name: (root, culprit, before, running[name].result())
+            for name, (root, _, culprit, before) in prepared.items()}
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__)
-def test_the_installed_command_refuses_in_exactly_one_line(case, tmp_path):
-    args, culprit = case(tmp_path)
-    before = sorted(str(p) for p in tmp_path.rglob("*"))
-    result = medsynth(*args, cwd=tmp_path)
+def test_the_installed_command_refuses_in_exactly_one_line(case, refused):
+    root, culprit, before, result = refused[case.__name__]
     err = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(err) == 1 and err[0].startswith("medsynth: error: ") and str(culprit) in err[0], result.stderr
     assert result.stdout == ""
-    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert listing(root) == before  # nothing written
 
 
 def test_the_installed_command_still_announces_a_run_that_starts(tmp_path):

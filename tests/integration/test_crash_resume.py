@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -74,6 +75,8 @@ def test_sigkilled_fit_resumes_and_its_loss_curve_joins_the_first(seg_dataset, t
     assert abs(sum(head) / len(head) - sum(tail) / len(tail)) < abs(first - sum(tail) / len(tail))
 
 
+# slow: the diffusion fit above covers SIGKILL and resume by default; test_autoencoder_cli resumes the GAN phase
+@pytest.mark.slow
 def test_sigkilled_gan_autoencoder_resumes_with_its_discriminator(tmp_path):
     """The GAN phase resumes whole: generator step count, both optimisers and the discriminator's weights."""
     from tests.integration.test_autoencoder_cli import write_volumes

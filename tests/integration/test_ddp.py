@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import make_seg_dataset
@@ -42,6 +43,8 @@ def test_ddp_fit_then_predict_on_two_processes(tmp_path):
     assert all(np.isfinite(np.load(p)).all() for p in (out / "samples").glob("*.npy"))
 
 
+# slow: DDP itself runs by default above, the codebook all-reduce in tests/unit/test_autoencoder_nets.py
+@pytest.mark.slow
 def test_ddp_autoencoder_with_gan_counts_generator_steps(tmp_path):
     # the 3D VQ autoencoder on 2 processes: codebook statistics are all-reduced, the discriminator idles in
     # generator steps (hence find_unused_parameters), and steps still count generator updates

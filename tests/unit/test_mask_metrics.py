@@ -82,6 +82,9 @@ def test_command_writes_scores_and_refuses_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "medsynth.metrics.masks", str(tmp_path / "samples" / "masks"),
            "--train", str(tmp_path / "real" / "train"), "--test", str(tmp_path / "real" / "test"),
            "--num-classes", str(K)]
+    # the missing-folder refusal runs beside the first scoring (each command mostly waits on its imports)
+    missing = subprocess.Popen([*cmd[:5], str(tmp_path / "nowhere"), *cmd[6:], "--overwrite"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     scores = json.loads((tmp_path / "samples" / "mask_scores.json").read_text())["scores"]
@@ -91,6 +94,5 @@ def test_command_writes_scores_and_refuses_bad_input(tmp_path):
     assert again.returncode == 2 and "mask_scores.json: exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
 
-    missing = subprocess.run([*cmd[:5], str(tmp_path / "nowhere"), *cmd[6:], "--overwrite"], capture_output=True,
-                             text=True)
-    assert missing.returncode == 2 and "nowhere: no such folder" in missing.stderr
+    _, missing_err = missing.communicate(timeout=300)
+    assert missing.returncode == 2 and "nowhere: no such folder" in missing_err
