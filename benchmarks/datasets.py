@@ -15,6 +15,9 @@ Segmentation-guided (``IMGS/{train,val,test}/*.png``, ``MASKS/all/{train,val,tes
   smooth bias field and noise, 4 classes, only every other slice (a few dozen training images). Held out.
 - ``axial5_pd``: axial slices in a PD-like contrast, 5 classes (GM split into left and right hemisphere), 16-bit
   PNGs. Held out.
+- ``coronal3_flair``: coronal FLAIR-like slices (dark CSF), 3 classes (grey matter, white matter, and everything
+  else as background: the mask does not outline the brain), every third slice (a few dozen training images). Built
+  after every default was fixed, to check them once: never tuned on.
 
 Volumes with label maps (a manifest of NIfTI ``{"image", "mask", "split"}`` records, 2 mm):
 
@@ -30,6 +33,8 @@ Class-conditional (a JSON class map ``{"0": dir, ...}`` of folders with ``train/
   bands, inferior to superior. Neighbouring bands share their border anatomy, so the judge's ceiling is below 1 and
   a sample must show its level's anatomy (not a contrast or an orientation) to be counted.
 - ``levels3_t2``: coronal T2-like slices in three bands, posterior to anterior; fewer, larger classes.
+- ``sides3_flair``: sagittal FLAIR-like slices of one hemisphere in three bands, lateral (cortex only) to medial
+  (ventricles, corpus callosum). Built after every default was fixed, to check them once: never tuned on.
 
 The first two are easy for a classifier (ceiling 1.0 at 32 px); the level sets are the harder test.
 
@@ -66,9 +71,9 @@ from medsynth.data.demo import (
 from medsynth.diffusion.conditioning import reduce_to_grid
 from medsynth.io import save_json, save_png
 
-SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd")
+SEG_DATASETS = ("coronal4", "sagittal4_t2", "axial5_pd", "coronal3_flair")
 VOLUME_DATASETS = ("axial4_t2_3d",)
-CLASS_DATASETS = ("planes3_t2", "contrast3", "levels4_pd", "levels3_t2")
+CLASS_DATASETS = ("planes3_t2", "contrast3", "levels4_pd", "levels3_t2", "sides3_flair")
 CLASS_VOLUME_DATASETS = ("contrast3_3d", "lesion2_3d")
 CLASS_VOLUME_SPLITS = (("train", 24), ("val", 4), ("test", 8))
 """Volumes per class in each split of the class-conditional volume datasets."""
@@ -117,9 +122,11 @@ def contrast(kind: str, seed: int = 0) -> np.ndarray:
 def _slices(volume: np.ndarray, labels: np.ndarray, plane: str, min_brain: float = 0.1):
     """``(index, image, labels)`` of the slices of one plane whose brain covers at least ``min_brain``."""
     axis = PLANE_AXIS[plane]
-    for k in range(volume.shape[axis]):
-        img = _square(np.rot90(np.take(volume, k, axis=axis)))
-        lab = _square(np.rot90(np.take(labels, k, axis=axis)))
+    # one contiguous copy with the slice axis first: np.take per slice gathers across the whole volume each time
+    volume, labels = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (volume, labels))
+    for k in range(volume.shape[0]):
+        img = _square(np.rot90(volume[k]))
+        lab = _square(np.rot90(labels[k]))
         if (lab > 0).mean() >= min_brain:
             yield k, img, lab
 
@@ -141,6 +148,9 @@ def build_seg(name: str, root: Path) -> dict:
         left[:x_mid] = True
         labels = np.where((labels == 2) & left, 4, labels).astype(np.uint8)
         vol, plane, step, bits = contrast("pd", seed=2), "axial", 1, 16
+    elif name == "coronal3_flair":
+        labels = np.maximum(four_class_labels().astype(np.int16) - 1, 0).astype(np.uint8)  # other brain -> 0
+        vol, plane, step, bits = contrast("flair", seed=8), "coronal", 3, 8
     else:
         raise ValueError(f"unknown dataset {name}; choose from {SEG_DATASETS}")
     counts = {"train": 0, "val": 0, "test": 0}
@@ -166,7 +176,7 @@ def build_class(name: str, root: Path) -> dict:
         kinds = [(plane, vol, plane) for plane in ("axial", "coronal", "sagittal")]
     elif name == "contrast3":
         kinds = [(kind, contrast(kind, seed=4), "coronal") for kind in ("t1", "t2", "pd")]
-    elif name in ("levels4_pd", "levels3_t2"):
+    elif name in ("levels4_pd", "levels3_t2", "sides3_flair"):
         return _build_levels(name, root, labels)
     else:
         raise ValueError(f"unknown dataset {name}; choose from {CLASS_DATASETS}")
@@ -186,11 +196,18 @@ def build_class(name: str, root: Path) -> dict:
 
 
 def _build_levels(name: str, root: Path, labels: np.ndarray) -> dict:
-    """A class-conditional dataset whose class is the slice's band along one axis (``levels4_pd``, ``levels3_t2``)."""
-    vol, plane, bands = (contrast("pd", seed=6), "axial", 4) if name == "levels4_pd" else \
-        (contrast("t2", seed=7), "coronal", 3)
-    slices = list(_slices(vol, labels, plane, min_brain=0.15))
-    names = [f"level{b + 1}" for b in range(bands)]  # level1: inferior (axial) or posterior (coronal)
+    """A class-conditional dataset whose class is the slice's band along one axis (``levels4_pd``, ``levels3_t2``,
+    ``sides3_flair``)."""
+    if name == "sides3_flair":  # one hemisphere's sagittal slices (the first axis runs left-right), lateral first
+        vol, plane, bands = contrast("flair", seed=9), "sagittal", 3
+        x_mid = labels.shape[0] // 2
+        slices = list(_slices(vol, labels, plane, min_brain=0.15))
+        slices = [s for s in slices if s[0] >= x_mid][::-1]
+    else:
+        vol, plane, bands = (contrast("pd", seed=6), "axial", 4) if name == "levels4_pd" else \
+            (contrast("t2", seed=7), "coronal", 3)
+        slices = list(_slices(vol, labels, plane, min_brain=0.15))
+    names = [f"level{b + 1}" for b in range(bands)]  # level1: inferior (axial), posterior (coronal), lateral
     counts = dict.fromkeys(names, 0)
     for i, (k, img, _) in enumerate(slices):
         cname = names[i * bands // len(slices)]
