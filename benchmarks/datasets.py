@@ -198,15 +198,12 @@ def build_class(name: str, root: Path) -> dict:
 def _build_levels(name: str, root: Path, labels: np.ndarray) -> dict:
     """A class-conditional dataset whose class is the slice's band along one axis (``levels4_pd``, ``levels3_t2``,
     ``sides3_flair``)."""
+    kind, seed, plane, bands = {"levels4_pd": ("pd", 6, "axial", 4), "levels3_t2": ("t2", 7, "coronal", 3),
+                                "sides3_flair": ("flair", 9, "sagittal", 3)}[name]
+    vol = contrast(kind, seed=seed)
+    slices = list(_slices(vol, labels, plane, min_brain=0.15))
     if name == "sides3_flair":  # one hemisphere's sagittal slices (the first axis runs left-right), lateral first
-        vol, plane, bands = contrast("flair", seed=9), "sagittal", 3
-        x_mid = labels.shape[0] // 2
-        slices = list(_slices(vol, labels, plane, min_brain=0.15))
-        slices = [s for s in slices if s[0] >= x_mid][::-1]
-    else:
-        vol, plane, bands = (contrast("pd", seed=6), "axial", 4) if name == "levels4_pd" else \
-            (contrast("t2", seed=7), "coronal", 3)
-        slices = list(_slices(vol, labels, plane, min_brain=0.15))
+        slices = [s for s in slices if s[0] >= labels.shape[0] // 2][::-1]
     names = [f"level{b + 1}" for b in range(bands)]  # level1: inferior (axial), posterior (coronal), lateral
     counts = dict.fromkeys(names, 0)
     for i, (k, img, _) in enumerate(slices):

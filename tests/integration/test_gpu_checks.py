@@ -2,7 +2,6 @@
 a broken script: ``benchmarks/train_throughput.py``'s variants and MFU, and ``benchmarks/gpu/checks.sh``'s
 rehearsal (slow)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--batch-size", "2", "--warmup", "2", "--steps", "3", "--repeats", "1"]
@@ -34,10 +35,7 @@ def test_throughput_variants_report_speed_mfu_and_the_fit_to_plain_ratio(tmp_pat
 
 def test_a_malformed_variant_is_refused_by_name(monkeypatch):
     # in this process (the script's imports are already loaded here): the refusal comes before any measurement
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_throughput", script)  # its dataclasses look themselves up there
-    spec.loader.exec_module(script)
+    script = load_benchmark("train_throughput", monkeypatch)
     monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--variants", "fit-fp8+turbo"])
     with pytest.raises(SystemExit) as stopped:
         script.main()

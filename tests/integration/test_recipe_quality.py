@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,12 +30,11 @@ def test_seg2d_quick_follows_held_out_masks(tmp_path):
     assert row["fraction"] >= 0.8, row
 
 
-def test_class_similarity_tells_copies_from_samples_as_varied_as_real_images(tmp_path):
+def test_class_similarity_tells_copies_from_samples_as_varied_as_real_images(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from recipe_quality import class_similarity
+    class_similarity = load_benchmark("recipe_quality", monkeypatch).class_similarity
 
     rng = np.random.default_rng(0)
 

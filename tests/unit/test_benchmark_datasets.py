@@ -1,6 +1,5 @@
 """The held-out benchmark sets are what docs/benchmarks.md says they are (built from nilearn's MNI152 files)."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -8,20 +7,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-# loaded under its own name: "datasets" on sys.path could be another package's
-_spec = importlib.util.spec_from_file_location("benchmark_datasets", ROOT / "benchmarks" / "datasets.py")
-_datasets = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_datasets)
-build = _datasets.build
+from tests.conftest import load_benchmark
 
 
 def _index(path: Path) -> int:
     return int(re.search(r"_(\d{3})\.png$", path.name).group(1))
 
 
-def test_coronal3_flair_labels_two_tissues_and_leaves_the_rest_of_the_brain_to_the_background(tmp_path):
-    info = build("coronal3_flair", tmp_path)
+def test_coronal3_flair_labels_two_tissues_and_leaves_the_rest_of_the_brain_to_the_background(tmp_path, monkeypatch):
+    info = load_benchmark("datasets", monkeypatch).build("coronal3_flair", tmp_path)
     assert info["num_classes"] == 3 and info["plane"] == "coronal"
     assert 25 <= info["splits"]["train"] <= 60 and info["splits"]["test"] > 0  # a few dozen training slices
     for split, n in info["splits"].items():
@@ -36,8 +30,8 @@ def test_coronal3_flair_labels_two_tissues_and_leaves_the_rest_of_the_brain_to_t
     assert ((mask == 0) & (img > 0.02)).sum() > 50
 
 
-def test_sides3_flair_bands_one_hemisphere_from_lateral_to_medial(tmp_path):
-    info = build("sides3_flair", tmp_path)
+def test_sides3_flair_bands_one_hemisphere_from_lateral_to_medial(tmp_path, monkeypatch):
+    info = load_benchmark("datasets", monkeypatch).build("sides3_flair", tmp_path)
     classmap = json.loads((tmp_path / "classmap.json").read_text())
     assert classmap == {"0": "level1", "1": "level2", "2": "level3"} and info["plane"] == "sagittal"
     counts = list(info["counts"].values())
